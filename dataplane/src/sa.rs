@@ -1,0 +1,634 @@
+//! Security associations: what is installed, the hot runtime state, counters and lifetimes.
+//!
+//! An [`Sa`] keeps its cold configuration (addresses, selectors, names) next to hot, cache-line
+//! aligned runtime state: the outbound sequence counter, the inbound anti-replay window and the
+//! counters, each on its own cache line so that workers on different cores do not false-share.
+//! Everything a worker changes is atomic: several workers may process the same SA at once.
+//!
+//! Lifetimes (RFC 4301 §4.4.2.1) are enforced here, in the data plane: crossing a soft limit
+//! queues a [`Event`] once (the control process rekeys), crossing a hard limit stops the SA and
+//! queues another. Outbound sequence numbers never wrap: the SA stops at the last number.
+
+use crate::antireplay::ReplayWindow;
+use crate::counters::{DropReason, DropReasonArray};
+use crate::policy::Selector;
+use crossbeam_utils::CachePadded;
+use espgw_crypto::{SaCrypto, Transform};
+use serde::Serialize;
+use std::fmt;
+use std::net::IpAddr;
+use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU64, Ordering};
+
+/// Handle of an installed SA: a slot in the SA table and the generation of that slot, so that a
+/// stale handle never reaches a newer SA that reuses the slot.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
+pub struct SaId(pub u64);
+
+impl SaId {
+    pub(crate) fn new(slot: u32, generation: u32) -> Self {
+        SaId(u64::from(generation) << 32 | u64::from(slot))
+    }
+    /// Slot index in the table.
+    pub fn slot(self) -> u32 {
+        self.0 as u32
+    }
+    /// Generation of the slot.
+    pub fn generation(self) -> u32 {
+        (self.0 >> 32) as u32
+    }
+}
+
+/// Direction of an SA, seen from this gateway.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Direction {
+    /// We decrypt.
+    In,
+    /// We encrypt.
+    Out,
+}
+
+/// ESP mode.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Mode {
+    /// A whole IP packet inside, new outer header (gateway to gateway).
+    Tunnel,
+    /// The packet's own payload inside, its header kept (host to host, e.g. GRE or L2TP).
+    Transport,
+}
+
+/// UDP encapsulation (RFC 3948) ports.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
+pub struct UdpEncap {
+    /// Our port (outer source port when sending).
+    pub sport: u16,
+    /// The peer's port (outer destination port when sending; NAT-T may make it ≠ 4500).
+    pub dport: u16,
+}
+
+/// How the outer DF bit is set in tunnel mode (RFC 4301 §8.1).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum DfMode {
+    /// From an IPv4 inner header; set for an IPv6 inner packet (IPv6 is never fragmented in flight).
+    Copy,
+    /// Always set.
+    Set,
+    /// Always clear.
+    Clear,
+}
+
+/// How the outer DSCP is set in tunnel mode.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub enum DscpMode {
+    /// Copy from the inner header.
+    Copy,
+    /// A fixed value.
+    Set(u8),
+}
+
+/// ECN handling in tunnel mode (RFC 6040).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum EcnMode {
+    /// Normal mode: copy ECN outward, combine on decapsulation.
+    Normal,
+    /// Compatibility mode: outer header Not-ECT.
+    Compat,
+}
+
+/// Soft and hard limits; `None` means no limit.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize)]
+pub struct Lifetime {
+    /// Soft limit on bytes (inner packet bytes).
+    pub soft_bytes: Option<u64>,
+    /// Hard limit on bytes.
+    pub hard_bytes: Option<u64>,
+    /// Soft limit on packets.
+    pub soft_packets: Option<u64>,
+    /// Hard limit on packets.
+    pub hard_packets: Option<u64>,
+    /// Soft limit in seconds since installation.
+    pub soft_seconds: Option<u64>,
+    /// Hard limit in seconds since installation.
+    pub hard_seconds: Option<u64>,
+}
+
+/// Everything needed to install an SA. Keys are zeroized when this is dropped.
+#[derive(Debug)]
+pub struct SaParams {
+    /// Operator's name for the SA (unique).
+    pub name: String,
+    /// In or out.
+    pub direction: Direction,
+    /// Security parameter index.
+    pub spi: u32,
+    /// Tunnel or transport.
+    pub mode: Mode,
+    /// Our address (outer source when sending, outer destination when receiving).
+    pub local: IpAddr,
+    /// The peer's address.
+    pub remote: IpAddr,
+    /// ESP in UDP, if set.
+    pub encap: Option<UdpEncap>,
+    /// Algorithms.
+    pub transform: Transform,
+    /// Key material (encryption key incl. GCM salt, integrity key).
+    pub keys: espgw_crypto::SaKeys,
+    /// Extended sequence numbers.
+    pub esn: bool,
+    /// Anti-replay window in packets (inbound; 0 = off).
+    pub replay_window: u32,
+    /// Outbound: the last sequence number already used (the first packet gets this + 1).
+    pub initial_seq: u64,
+    /// Limits.
+    pub lifetime: Lifetime,
+    /// Inbound: allowed inner traffic (empty = any). Outbound: informational.
+    pub selectors: Vec<Selector>,
+    /// Outer DF.
+    pub df: DfMode,
+    /// Outer DSCP.
+    pub dscp: DscpMode,
+    /// ECN.
+    pub ecn: EcnMode,
+    /// Outer TTL / hop limit in tunnel mode.
+    pub outer_ttl: u8,
+}
+
+/// Which limit an event is about.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Limit {
+    /// Bytes.
+    Bytes,
+    /// Packets.
+    Packets,
+    /// Seconds.
+    Seconds,
+    /// Outbound sequence numbers.
+    SequenceNumber,
+}
+
+/// What happened to an SA.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum EventKind {
+    /// A soft limit was crossed: time to rekey.
+    SoftExpired,
+    /// A hard limit was crossed: the SA no longer carries traffic.
+    HardExpired,
+}
+
+/// An SA event for the control process.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub struct Event {
+    /// When (data-plane clock, nanoseconds).
+    pub at_ns: u64,
+    /// Which SA.
+    pub sa: SaId,
+    /// Its SPI.
+    pub spi: u32,
+    /// Its direction.
+    pub direction: Direction,
+    /// Soft or hard.
+    pub kind: EventKind,
+    /// Which limit.
+    pub limit: Limit,
+}
+
+/// Counters of one SA, in Cisco `show crypto ipsec sa` terms.
+#[derive(Debug, Default)]
+pub struct SaCounters {
+    /// Packets encapsulated (out) or decapsulated (in).
+    pub packets: AtomicU64,
+    /// Inner bytes (out: before encryption; in: after decryption).
+    pub bytes: AtomicU64,
+    /// ESP bytes on the wire (outer IP header onwards).
+    pub wire_bytes: AtomicU64,
+    /// Packets encrypted / decrypted (not counted for NULL encryption).
+    pub ciphered: AtomicU64,
+    /// Packets whose ICV was computed / verified.
+    pub icv: AtomicU64,
+    /// Time of the last packet (data-plane clock, ns).
+    pub last_used_ns: AtomicU64,
+    /// Drops attributed to this SA.
+    pub drops: DropReasonArray,
+}
+
+/// A snapshot of [`SaCounters`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize)]
+pub struct SaCountersSnapshot {
+    /// See [`SaCounters::packets`].
+    pub packets: u64,
+    /// See [`SaCounters::bytes`].
+    pub bytes: u64,
+    /// See [`SaCounters::wire_bytes`].
+    pub wire_bytes: u64,
+    /// See [`SaCounters::ciphered`].
+    pub ciphered: u64,
+    /// See [`SaCounters::icv`].
+    pub icv: u64,
+}
+
+/// Counts one worker gathered for one SA over a run of packets; added to the SA in one go.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct RunCounts {
+    /// Packets.
+    pub packets: u64,
+    /// Inner bytes.
+    pub bytes: u64,
+    /// Wire bytes.
+    pub wire_bytes: u64,
+}
+
+const STATE_SOFT: u8 = 1;
+const STATE_HARD: u8 = 2;
+
+/// The last outbound sequence number a 32-bit or ESN SA may use.
+fn seq_limit(esn: bool) -> u64 {
+    if esn { u64::MAX } else { u64::from(u32::MAX) }
+}
+
+/// An installed SA.
+pub struct Sa {
+    /// Handle.
+    pub id: SaId,
+    /// Operator's name.
+    pub name: String,
+    /// In or out.
+    pub direction: Direction,
+    /// SPI.
+    pub spi: u32,
+    /// Tunnel or transport.
+    pub mode: Mode,
+    /// Our address.
+    pub local: IpAddr,
+    /// Peer's address.
+    pub remote: IpAddr,
+    /// UDP encapsulation.
+    pub encap: Option<UdpEncap>,
+    /// Algorithms.
+    pub transform: Transform,
+    /// ESN.
+    pub esn: bool,
+    /// Limits.
+    pub lifetime: Lifetime,
+    /// Selectors.
+    pub selectors: Vec<Selector>,
+    /// DF.
+    pub df: DfMode,
+    /// DSCP.
+    pub dscp: DscpMode,
+    /// ECN.
+    pub ecn: EcnMode,
+    /// Outer TTL.
+    pub outer_ttl: u8,
+    /// When installed (data-plane clock, ns).
+    pub installed_ns: u64,
+    /// Keys and algorithms; zeroized on drop.
+    pub crypto: Box<dyn SaCrypto>,
+    /// IV length (cached from the transform).
+    pub iv_len: usize,
+    /// ICV length.
+    pub icv_len: usize,
+    /// Alignment of payload + trailer.
+    pub block_align: usize,
+    /// Another inbound SA has the same SPI: lookups must also match the destination address.
+    pub(crate) shared_spi: AtomicBool,
+    state: AtomicU8,
+    /// Outbound: the last sequence number handed out.
+    seq: CachePadded<AtomicU64>,
+    /// Inbound: anti-replay window (and highest number seen, for ESN).
+    pub replay: ReplayWindow,
+    /// Counters.
+    pub counters: CachePadded<SaCounters>,
+}
+
+impl fmt::Debug for Sa {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        // No key material: `crypto` prints only its algorithm.
+        f.debug_struct("Sa")
+            .field("id", &self.id)
+            .field("name", &self.name)
+            .field("direction", &self.direction)
+            .field("spi", &format_args!("{:#010x}", self.spi))
+            .field("mode", &self.mode)
+            .field("local", &self.local)
+            .field("remote", &self.remote)
+            .field("encap", &self.encap)
+            .field("transform", &self.transform.name())
+            .finish_non_exhaustive()
+    }
+}
+
+impl Sa {
+    /// Build the runtime SA from its parameters (the keys are consumed into the crypto context
+    /// and the parameter copy is zeroized when `p` drops).
+    pub fn new(id: SaId, p: SaParams, crypto: Box<dyn SaCrypto>, now_ns: u64) -> Self {
+        let t = p.transform;
+        Sa {
+            id,
+            name: p.name,
+            direction: p.direction,
+            spi: p.spi,
+            mode: p.mode,
+            local: p.local,
+            remote: p.remote,
+            encap: p.encap,
+            transform: t,
+            esn: p.esn,
+            lifetime: p.lifetime,
+            selectors: p.selectors,
+            df: p.df,
+            dscp: p.dscp,
+            ecn: p.ecn,
+            outer_ttl: p.outer_ttl,
+            installed_ns: now_ns,
+            crypto,
+            iv_len: t.iv_len(),
+            icv_len: t.icv_len(),
+            block_align: t.block_align(),
+            shared_spi: AtomicBool::new(false),
+            state: AtomicU8::new(0),
+            seq: CachePadded::new(AtomicU64::new(p.initial_seq)),
+            replay: ReplayWindow::new(if p.direction == Direction::In {
+                p.replay_window
+            } else {
+                0
+            }),
+            counters: CachePadded::new(SaCounters::default()),
+        }
+    }
+
+    /// Has the SA reached a hard limit?
+    #[inline]
+    pub fn is_dead(&self) -> bool {
+        self.state.load(Ordering::Relaxed) & STATE_HARD != 0
+    }
+
+    /// Has the soft limit been signalled?
+    pub fn is_soft_expired(&self) -> bool {
+        self.state.load(Ordering::Relaxed) & STATE_SOFT != 0
+    }
+
+    /// The last outbound sequence number handed out.
+    pub fn last_seq(&self) -> u64 {
+        self.seq.load(Ordering::Relaxed)
+    }
+
+    /// Reserve up to `n` consecutive outbound sequence numbers. Returns the first one and how
+    /// many were granted (fewer than `n`, possibly 0, when the space runs out: the SA then stops,
+    /// it never wraps).
+    #[inline]
+    pub fn reserve_seq(&self, n: u64, now_ns: u64, events: &EventSink<'_>) -> (u64, u64) {
+        let limit = seq_limit(self.esn);
+        let r = self
+            .seq
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |cur| {
+                if cur >= limit {
+                    None
+                } else {
+                    Some(cur.saturating_add(n).min(limit))
+                }
+            });
+        match r {
+            Ok(prev) => {
+                let granted = (prev.saturating_add(n)).min(limit) - prev;
+                let last = prev + granted;
+                // Soft warning with 1/16 of the space left; hard stop at the end.
+                if last >= limit - limit / 16 {
+                    self.signal(
+                        EventKind::SoftExpired,
+                        Limit::SequenceNumber,
+                        now_ns,
+                        events,
+                    );
+                }
+                if last == limit {
+                    self.signal(
+                        EventKind::HardExpired,
+                        Limit::SequenceNumber,
+                        now_ns,
+                        events,
+                    );
+                }
+                (prev + 1, granted)
+            }
+            Err(_) => {
+                self.signal(
+                    EventKind::HardExpired,
+                    Limit::SequenceNumber,
+                    now_ns,
+                    events,
+                );
+                (0, 0)
+            }
+        }
+    }
+
+    /// May the SA carry `bytes` more bytes and one more packet, given `pending` bytes/packets a
+    /// worker has processed but not yet added? Checks the hard limits and the age.
+    #[inline]
+    pub fn within_hard_limits(&self, pending: &RunCounts, bytes: u64, now_ns: u64) -> bool {
+        let l = &self.lifetime;
+        if let Some(h) = l.hard_bytes {
+            let used = self.counters.bytes.load(Ordering::Relaxed) + pending.bytes;
+            if used + bytes > h {
+                return false;
+            }
+        }
+        if let Some(h) = l.hard_packets {
+            let used = self.counters.packets.load(Ordering::Relaxed) + pending.packets;
+            if used + 1 > h {
+                return false;
+            }
+        }
+        if let Some(h) = l.hard_seconds
+            && now_ns.saturating_sub(self.installed_ns) >= h.saturating_mul(1_000_000_000)
+        {
+            return false;
+        }
+        true
+    }
+
+    /// Add a worker's run to the counters and raise soft/hard events for limits now crossed.
+    pub fn flush(&self, run: &RunCounts, now_ns: u64, events: &EventSink<'_>) {
+        if run.packets == 0 {
+            return;
+        }
+        let c = &self.counters;
+        let packets = c.packets.fetch_add(run.packets, Ordering::Relaxed) + run.packets;
+        let bytes = c.bytes.fetch_add(run.bytes, Ordering::Relaxed) + run.bytes;
+        c.wire_bytes.fetch_add(run.wire_bytes, Ordering::Relaxed);
+        if !matches!(
+            self.transform,
+            Transform::CipherAuth {
+                cipher: espgw_crypto::CipherAlg::Null,
+                ..
+            }
+        ) {
+            c.ciphered.fetch_add(run.packets, Ordering::Relaxed);
+        }
+        c.icv.fetch_add(run.packets, Ordering::Relaxed);
+        c.last_used_ns.fetch_max(now_ns, Ordering::Relaxed);
+        self.check_volume(packets, bytes, now_ns, events);
+    }
+
+    fn check_volume(&self, packets: u64, bytes: u64, now_ns: u64, events: &EventSink<'_>) {
+        let l = &self.lifetime;
+        for (soft, hard, used, limit) in [
+            (l.soft_bytes, l.hard_bytes, bytes, Limit::Bytes),
+            (l.soft_packets, l.hard_packets, packets, Limit::Packets),
+        ] {
+            if soft.is_some_and(|s| used >= s) {
+                self.signal(EventKind::SoftExpired, limit, now_ns, events);
+            }
+            if hard.is_some_and(|h| used >= h) {
+                self.signal(EventKind::HardExpired, limit, now_ns, events);
+            }
+        }
+    }
+
+    /// Check the age limits (called by the periodic sweep, so idle SAs expire too).
+    pub fn check_age(&self, now_ns: u64, events: &EventSink<'_>) {
+        let age = now_ns.saturating_sub(self.installed_ns);
+        let l = &self.lifetime;
+        if l.soft_seconds
+            .is_some_and(|s| age >= s.saturating_mul(1_000_000_000))
+        {
+            self.signal(EventKind::SoftExpired, Limit::Seconds, now_ns, events);
+        }
+        if l.hard_seconds
+            .is_some_and(|h| age >= h.saturating_mul(1_000_000_000))
+        {
+            self.signal(EventKind::HardExpired, Limit::Seconds, now_ns, events);
+        }
+    }
+
+    /// Record a soft or hard expiry once; a hard expiry implies the soft one.
+    fn signal(&self, kind: EventKind, limit: Limit, now_ns: u64, events: &EventSink<'_>) {
+        let bit = match kind {
+            EventKind::SoftExpired => STATE_SOFT,
+            EventKind::HardExpired => STATE_HARD | STATE_SOFT,
+        };
+        let prev = self.state.fetch_or(bit, Ordering::AcqRel);
+        let newly = bit & !prev;
+        if newly & STATE_SOFT != 0 && kind == EventKind::HardExpired {
+            // Went straight to hard: report the soft crossing too, so a rekey is always asked for.
+            events.push(self.event(EventKind::SoftExpired, limit, now_ns));
+        }
+        let flag = if kind == EventKind::HardExpired {
+            STATE_HARD
+        } else {
+            STATE_SOFT
+        };
+        if newly & flag != 0 {
+            events.push(self.event(kind, limit, now_ns));
+            if kind == EventKind::HardExpired {
+                tracing::warn!(
+                    sa = %self.name, spi = format_args!("{:#010x}", self.spi), ?limit,
+                    "SA reached its hard lifetime and stops carrying traffic"
+                );
+            }
+        }
+    }
+
+    fn event(&self, kind: EventKind, limit: Limit, at_ns: u64) -> Event {
+        Event {
+            at_ns,
+            sa: self.id,
+            spi: self.spi,
+            direction: self.direction,
+            kind,
+            limit,
+        }
+    }
+
+    /// Count a drop attributed to this SA.
+    #[inline]
+    pub fn count_drop(&self, reason: DropReason, n: u64) {
+        self.counters.drops.add(reason, n);
+    }
+
+    /// A counters snapshot.
+    pub fn snapshot(&self) -> SaCountersSnapshot {
+        let c = &self.counters;
+        SaCountersSnapshot {
+            packets: c.packets.load(Ordering::Relaxed),
+            bytes: c.bytes.load(Ordering::Relaxed),
+            wire_bytes: c.wire_bytes.load(Ordering::Relaxed),
+            ciphered: c.ciphered.load(Ordering::Relaxed),
+            icv: c.icv.load(Ordering::Relaxed),
+        }
+    }
+
+    /// JSON in the spirit of `show crypto ipsec sa` (no key material).
+    pub fn to_json(&self, now_ns: u64) -> serde_json::Value {
+        let s = self.snapshot();
+        let drops = self.counters.drops.snapshot();
+        let age_s = now_ns.saturating_sub(self.installed_ns) / 1_000_000_000;
+        let remaining = |limit: Option<u64>, used: u64| limit.map(|l| l.saturating_sub(used));
+        let l = &self.lifetime;
+        let counters = match self.direction {
+            Direction::Out => serde_json::json!({
+                "pkts_encaps": s.packets, "pkts_encrypt": s.ciphered, "pkts_digest": s.icv,
+                "bytes_encaps": s.bytes, "bytes_wire": s.wire_bytes,
+                "send_errors": drops.errors(),
+            }),
+            Direction::In => serde_json::json!({
+                "pkts_decaps": s.packets, "pkts_decrypt": s.ciphered, "pkts_verify": s.icv,
+                "bytes_decaps": s.bytes, "bytes_wire": s.wire_bytes,
+                "recv_errors": drops.errors(),
+            }),
+        };
+        let mut v = serde_json::json!({
+            "name": self.name,
+            "direction": self.direction,
+            "spi": format!("{:#010x}", self.spi),
+            "mode": self.mode,
+            "local": self.local.to_string(),
+            "remote": self.remote.to_string(),
+            "encap": self.encap,
+            "transform": self.transform.name(),
+            "esn": self.esn,
+            "counters": counters,
+            "drops": drops.to_json(),
+            "state": if self.is_dead() { "expired" } else if self.is_soft_expired() { "soft_expired" } else { "active" },
+            "age_seconds": age_s,
+            "remaining": {
+                "bytes": remaining(l.hard_bytes, s.bytes),
+                "packets": remaining(l.hard_packets, s.packets),
+                "seconds": remaining(l.hard_seconds, age_s),
+            },
+        });
+        if let Some(w) = self.transform.weakness() {
+            v["weak"] = w.into();
+        }
+        match self.direction {
+            Direction::Out => v["last_seq"] = self.last_seq().into(),
+            Direction::In => {
+                v["replay_window"] = self.replay.size().into();
+                v["highest_seq"] = self.replay.top().into();
+            }
+        }
+        v
+    }
+}
+
+/// Where SA events go: a bounded lock-free queue the control side drains. When it is full the
+/// event is counted as lost rather than blocking a worker.
+#[derive(Debug, Clone, Copy)]
+pub struct EventSink<'a> {
+    pub(crate) queue: &'a crossbeam_queue::ArrayQueue<Event>,
+    pub(crate) lost: &'a AtomicU64,
+}
+
+impl EventSink<'_> {
+    /// Queue an event.
+    pub fn push(&self, e: Event) {
+        if self.queue.push(e).is_err() {
+            self.lost.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+}

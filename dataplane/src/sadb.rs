@@ -1,0 +1,459 @@
+//! The SA database: lock-free lookup for workers, serialized writes that never stall them.
+//!
+//! Layout:
+//! * a fixed **slab** of `capacity` slots, each an epoch-managed pointer to an [`Sa`]
+//!   (`crossbeam_epoch::Atomic`). An [`SaId`] is a slot plus the slot's generation;
+//! * an **SPI index** for inbound SAs: open addressing with linear probing over `AtomicU64`
+//!   buckets holding `(spi << 32) | (slot + 1)`; 0 is empty and [`TOMBSTONE`] a deleted entry;
+//! * the **SPD**, an immutable [`Spd`] behind an epoch-managed pointer, replaced as a whole.
+//!
+//! Readers pin an epoch once per burst and then only do atomic loads. Writers (SA install and
+//! delete, SPD replacement) take a mutex among themselves; a reader never waits for it. A deleted
+//! SA is freed — and its keys zeroized — only once every worker has left the epoch in which it
+//! could still see it. When tombstones pile up the index is rebuilt into a fresh array and
+//! swapped in; the old one is reclaimed the same way.
+//!
+//! A reader validates what it found (SPI and direction in the SA itself), so a slot reused for
+//! another SA between reading the bucket and reading the slot is harmless.
+
+use crate::counters::DropReason;
+use crate::policy::Spd;
+use crate::sa::{Direction, Event, EventSink, Sa, SaId, SaParams};
+use crossbeam_epoch::{self as epoch, Atomic, Guard, Owned, Shared};
+use crossbeam_queue::ArrayQueue;
+use espgw_crypto::CryptoProvider;
+use std::collections::HashMap;
+use std::net::IpAddr;
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+const EMPTY: u64 = 0;
+const TOMBSTONE: u64 = u64::MAX;
+
+/// Why an SA could not be installed or removed.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum SadbError {
+    /// Every slot is in use.
+    #[error("SA table full ({0} SAs); raise max_sas")]
+    Full(usize),
+    /// An inbound SA with this SPI and local address exists.
+    #[error(
+        "an inbound SA with SPI {spi:#010x} and local address {local} is already installed ({existing})"
+    )]
+    DuplicateSpi {
+        /// SPI.
+        spi: u32,
+        /// Local address.
+        local: IpAddr,
+        /// Name of the existing SA.
+        existing: String,
+    },
+    /// The name is taken.
+    #[error("an SA named {0:?} is already installed")]
+    DuplicateName(String),
+    /// SPI 0..=255 are reserved (RFC 4303 §2.1).
+    #[error("SPI {0:#x} is reserved (SPIs 0-255 are not used for SAs)")]
+    ReservedSpi(u32),
+    /// No such SA.
+    #[error("no SA with id {0:?}")]
+    NotFound(SaId),
+    /// The crypto backend refused the keys or transform.
+    #[error("{0}")]
+    Crypto(#[from] espgw_crypto::KeyError),
+}
+
+struct SpiIndex {
+    buckets: Box<[AtomicU64]>,
+    mask: usize,
+}
+
+impl SpiIndex {
+    fn with_capacity(sas: usize) -> Self {
+        // At most half full: short probe sequences, and a guaranteed empty bucket ends each probe.
+        let n = (sas.max(8) * 2).next_power_of_two();
+        SpiIndex {
+            buckets: (0..n).map(|_| AtomicU64::new(EMPTY)).collect(),
+            mask: n - 1,
+        }
+    }
+
+    #[inline]
+    fn home(&self, spi: u32) -> usize {
+        // Fibonacci hashing: SPIs are often sequential or random; both spread well.
+        ((u64::from(spi).wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 32) as usize) & self.mask
+    }
+
+    fn entry(spi: u32, slot: u32) -> u64 {
+        (u64::from(spi) << 32) | (u64::from(slot) + 1)
+    }
+
+    /// Insert (writer only). Reuses the first tombstone on the probe path.
+    fn insert(&self, spi: u32, slot: u32) {
+        let mut i = self.home(spi);
+        loop {
+            let e = self.buckets[i].load(Ordering::Relaxed);
+            if e == EMPTY || e == TOMBSTONE {
+                self.buckets[i].store(Self::entry(spi, slot), Ordering::Release);
+                return;
+            }
+            i = (i + 1) & self.mask;
+        }
+    }
+
+    /// Remove (writer only).
+    fn remove(&self, spi: u32, slot: u32) -> bool {
+        let want = Self::entry(spi, slot);
+        let mut i = self.home(spi);
+        for _ in 0..=self.mask {
+            let e = self.buckets[i].load(Ordering::Relaxed);
+            if e == EMPTY {
+                return false;
+            }
+            if e == want {
+                self.buckets[i].store(TOMBSTONE, Ordering::Release);
+                return true;
+            }
+            i = (i + 1) & self.mask;
+        }
+        false
+    }
+}
+
+struct Writer {
+    /// Free slots (a stack).
+    free: Vec<u32>,
+    /// Generation of each slot, bumped on every install.
+    generations: Vec<u32>,
+    names: HashMap<String, SaId>,
+    /// Inbound SAs per SPI, to detect duplicates and SPI sharing.
+    inbound_by_spi: HashMap<u32, Vec<SaId>>,
+    installed: usize,
+    tombstones: usize,
+    index_capacity: usize,
+}
+
+/// The SA database shared by all workers.
+pub struct SaDb {
+    slots: Box<[Atomic<Sa>]>,
+    index: Atomic<SpiIndex>,
+    spd: Atomic<Spd>,
+    writer: Mutex<Writer>,
+    events: ArrayQueue<Event>,
+    events_lost: AtomicU64,
+}
+
+impl std::fmt::Debug for SaDb {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SaDb")
+            .field("capacity", &self.slots.len())
+            .finish_non_exhaustive()
+    }
+}
+
+impl SaDb {
+    /// An empty database for up to `capacity` SAs (in and out together).
+    pub fn new(capacity: usize) -> Self {
+        let capacity = capacity.clamp(1, u32::MAX as usize - 1);
+        SaDb {
+            slots: (0..capacity).map(|_| Atomic::null()).collect(),
+            index: Atomic::new(SpiIndex::with_capacity(capacity)),
+            spd: Atomic::new(Spd::default()),
+            writer: Mutex::new(Writer {
+                free: (0..capacity as u32).rev().collect(),
+                generations: vec![0; capacity],
+                names: HashMap::new(),
+                inbound_by_spi: HashMap::new(),
+                installed: 0,
+                tombstones: 0,
+                index_capacity: capacity,
+            }),
+            events: ArrayQueue::new(4096),
+            events_lost: AtomicU64::new(0),
+        }
+    }
+
+    /// Maximum number of SAs.
+    pub fn capacity(&self) -> usize {
+        self.slots.len()
+    }
+
+    /// Number of installed SAs.
+    pub fn len(&self) -> usize {
+        self.lock_writer().installed
+    }
+
+    /// True when no SA is installed.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    fn lock_writer(&self) -> std::sync::MutexGuard<'_, Writer> {
+        // A writer that panicked left the maps consistent (every mutation is completed before
+        // anything can panic), so a poisoned lock is still usable.
+        self.writer.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Where workers queue SA events.
+    pub fn event_sink(&self) -> EventSink<'_> {
+        EventSink {
+            queue: &self.events,
+            lost: &self.events_lost,
+        }
+    }
+
+    /// Take every queued event.
+    pub fn drain_events(&self) -> Vec<Event> {
+        std::iter::from_fn(|| self.events.pop()).collect()
+    }
+
+    /// Events lost because the queue was full.
+    pub fn events_lost(&self) -> u64 {
+        self.events_lost.load(Ordering::Relaxed)
+    }
+
+    /// Install an SA. Inbound SAs become visible to lookups when this returns.
+    pub fn install(
+        &self,
+        params: SaParams,
+        provider: &dyn CryptoProvider,
+        now_ns: u64,
+    ) -> Result<SaId, SadbError> {
+        if params.spi < 256 {
+            return Err(SadbError::ReservedSpi(params.spi));
+        }
+        let crypto = provider.new_sa(params.transform, &params.keys, params.esn)?;
+        let guard = epoch::pin();
+        let mut w = self.lock_writer();
+        if w.names.contains_key(&params.name) {
+            return Err(SadbError::DuplicateName(params.name.clone()));
+        }
+        let mut shares_spi = Vec::new();
+        if params.direction == Direction::In
+            && let Some(ids) = w.inbound_by_spi.get(&params.spi)
+        {
+            for id in ids {
+                if let Some(other) = self.get(*id, &guard) {
+                    if other.local == params.local {
+                        return Err(SadbError::DuplicateSpi {
+                            spi: params.spi,
+                            local: params.local,
+                            existing: other.name.clone(),
+                        });
+                    }
+                    shares_spi.push(other);
+                }
+            }
+        }
+        let slot = w.free.pop().ok_or(SadbError::Full(self.slots.len()))?;
+        w.generations[slot as usize] = w.generations[slot as usize].wrapping_add(1);
+        let id = SaId::new(slot, w.generations[slot as usize]);
+        let name = params.name.clone();
+        let direction = params.direction;
+        let spi = params.spi;
+        let sa = Sa::new(id, params, crypto, now_ns);
+        if !shares_spi.is_empty() {
+            sa.shared_spi.store(true, Ordering::Release);
+            for other in &shares_spi {
+                other.shared_spi.store(true, Ordering::Release);
+            }
+        }
+        if let Some(weak) = sa.transform.weakness() {
+            tracing::warn!(sa = %sa.name, transform = %sa.transform.name(), "weak algorithm: {weak}");
+        }
+        self.slots[slot as usize].store(Owned::new(sa), Ordering::Release);
+        if direction == Direction::In {
+            // The index pointer is never null (set in `new`, replaced only by a rebuild).
+            if let Some(index) = shared_ref(self.index.load(Ordering::Acquire, &guard)) {
+                index.insert(spi, slot);
+            }
+            w.inbound_by_spi.entry(spi).or_default().push(id);
+        }
+        w.names.insert(name, id);
+        w.installed += 1;
+        Ok(id)
+    }
+
+    /// Remove an SA. Workers that still hold it finish their burst with it; its memory and keys
+    /// are released after that.
+    pub fn remove(&self, id: SaId) -> Result<(), SadbError> {
+        let guard = epoch::pin();
+        let mut w = self.lock_writer();
+        let slot = id.slot() as usize;
+        let cur = match self.slots.get(slot) {
+            Some(s) => s.load(Ordering::Acquire, &guard),
+            None => return Err(SadbError::NotFound(id)),
+        };
+        let Some(sa) = shared_ref(cur) else {
+            return Err(SadbError::NotFound(id));
+        };
+        if sa.id != id {
+            return Err(SadbError::NotFound(id));
+        }
+        if sa.direction == Direction::In {
+            if let Some(index) = shared_ref(self.index.load(Ordering::Acquire, &guard))
+                && index.remove(sa.spi, id.slot())
+            {
+                w.tombstones += 1;
+            }
+            if let Some(ids) = w.inbound_by_spi.get_mut(&sa.spi) {
+                ids.retain(|x| *x != id);
+                if ids.len() == 1 {
+                    let last = ids[0];
+                    if let Some(other) = self.get(last, &guard) {
+                        other.shared_spi.store(false, Ordering::Release);
+                    }
+                }
+                if ids.is_empty() {
+                    w.inbound_by_spi.remove(&sa.spi);
+                }
+            }
+        }
+        w.names.remove(&sa.name);
+        self.slots[slot].store(Shared::null(), Ordering::Release);
+        // SAFETY: the slot no longer points to the SA, so no reader pinned from now on can reach
+        // it; `defer_destroy` frees it only after every currently pinned reader has unpinned.
+        unsafe { guard.defer_destroy(cur) };
+        w.free.push(id.slot());
+        w.installed -= 1;
+        if w.tombstones > w.index_capacity / 4 {
+            self.rebuild_index(&mut w, &guard);
+        }
+        drop(w);
+        guard.flush();
+        Ok(())
+    }
+
+    fn rebuild_index(&self, w: &mut Writer, guard: &Guard) {
+        let fresh = SpiIndex::with_capacity(w.index_capacity);
+        for ids in w.inbound_by_spi.values() {
+            for id in ids {
+                if let Some(sa) = self.get(*id, guard) {
+                    fresh.insert(sa.spi, id.slot());
+                }
+            }
+        }
+        let old = self.index.swap(Owned::new(fresh), Ordering::AcqRel, guard);
+        // SAFETY: `old` is no longer reachable through `self.index`; it is destroyed only after
+        // every reader that may have loaded it has unpinned.
+        unsafe { guard.defer_destroy(old) };
+        w.tombstones = 0;
+    }
+
+    /// Look up an inbound SA by SPI and (where SPIs are shared) destination address.
+    #[inline]
+    pub fn lookup_inbound<'g>(&self, spi: u32, dst: IpAddr, guard: &'g Guard) -> Option<&'g Sa> {
+        let index = shared_ref(self.index.load(Ordering::Acquire, guard))?;
+        let mut i = index.home(spi);
+        for _ in 0..=index.mask {
+            let e = index.buckets[i].load(Ordering::Acquire);
+            if e == EMPTY {
+                return None;
+            }
+            if e != TOMBSTONE && (e >> 32) as u32 == spi {
+                let slot = ((e & 0xFFFF_FFFF) - 1) as usize;
+                if let Some(sa) = self
+                    .slots
+                    .get(slot)
+                    .and_then(|s| shared_ref(s.load(Ordering::Acquire, guard)))
+                    && sa.spi == spi
+                    && sa.direction == Direction::In
+                    && (sa.local == dst || !sa.shared_spi.load(Ordering::Acquire))
+                {
+                    return Some(sa);
+                }
+            }
+            i = (i + 1) & index.mask;
+        }
+        None
+    }
+
+    /// The SA with this handle, if still installed.
+    #[inline]
+    pub fn get<'g>(&self, id: SaId, guard: &'g Guard) -> Option<&'g Sa> {
+        let sa = shared_ref(
+            self.slots
+                .get(id.slot() as usize)?
+                .load(Ordering::Acquire, guard),
+        )?;
+        (sa.id == id).then_some(sa)
+    }
+
+    /// The SA with this name.
+    pub fn id_by_name(&self, name: &str) -> Option<SaId> {
+        self.lock_writer().names.get(name).copied()
+    }
+
+    /// Replace the SPD as a whole.
+    pub fn set_spd(&self, spd: Spd) {
+        let guard = epoch::pin();
+        let _w = self.lock_writer();
+        let old = self.spd.swap(Owned::new(spd), Ordering::AcqRel, &guard);
+        // SAFETY: unreachable through `self.spd` from now on; freed after current readers unpin.
+        unsafe { guard.defer_destroy(old) };
+    }
+
+    /// The current SPD.
+    #[inline]
+    pub fn spd<'g>(&self, guard: &'g Guard) -> Option<&'g Spd> {
+        shared_ref(self.spd.load(Ordering::Acquire, guard))
+    }
+
+    /// Every installed SA, in slot order.
+    pub fn iter<'g>(&'g self, guard: &'g Guard) -> impl Iterator<Item = &'g Sa> + 'g {
+        self.slots
+            .iter()
+            .filter_map(move |s| shared_ref(s.load(Ordering::Acquire, guard)))
+    }
+
+    /// Periodic housekeeping: age limits of every SA (so idle SAs expire too).
+    pub fn sweep(&self, now_ns: u64) {
+        let guard = epoch::pin();
+        let sink = self.event_sink();
+        for sa in self.iter(&guard) {
+            sa.check_age(now_ns, &sink);
+        }
+    }
+
+    /// Total drops attributed to SAs, by reason (for reports).
+    pub fn sa_drops(&self, reason: DropReason) -> u64 {
+        let guard = epoch::pin();
+        self.iter(&guard)
+            .map(|sa| sa.counters.drops.snapshot().get(reason))
+            .sum()
+    }
+}
+
+impl Drop for SaDb {
+    fn drop(&mut self) {
+        // Exclusive access: no reader can be pinned on this database any more.
+        // SAFETY: `&mut self` proves no other thread holds a reference into the table, so taking
+        // the pointers out and dropping them now (zeroizing keys) cannot race with a reader.
+        let guard = unsafe { epoch::unprotected() };
+        for s in self.slots.iter() {
+            let p = s.swap(Shared::null(), Ordering::AcqRel, guard);
+            if !p.is_null() {
+                // SAFETY: we own the only pointer to this SA (see above).
+                drop(unsafe { p.into_owned() });
+            }
+        }
+        let p = self.index.swap(Shared::null(), Ordering::AcqRel, guard);
+        if !p.is_null() {
+            // SAFETY: as above.
+            drop(unsafe { p.into_owned() });
+        }
+        let p = self.spd.swap(Shared::null(), Ordering::AcqRel, guard);
+        if !p.is_null() {
+            // SAFETY: as above.
+            drop(unsafe { p.into_owned() });
+        }
+    }
+}
+
+/// Dereference an epoch-protected pointer.
+#[inline]
+fn shared_ref<'g, T>(p: Shared<'g, T>) -> Option<&'g T> {
+    // SAFETY: every pointer stored in this module's `Atomic`s comes from `Owned::new` and is
+    // freed only through `defer_destroy` after it was unlinked, so while the guard `'g` is
+    // pinned a loaded non-null pointer refers to a live value.
+    unsafe { p.as_ref() }
+}
