@@ -1205,3 +1205,7 @@ fn fill_udp6_checksum(f: &mut Frame<'_>, m: &Meta<'_>, sa: &Sa, _l3: &L3) {
     let mut u = udp::UdpPacket::new_unchecked(&mut f.buf[at..m.esp_off + m.esp_len]);
     u.fill_checksum_v6(&s, &d);
 }
+
+#[cfg(test)]
+#[path = "pipeline_tests.rs"]
+mod tests;
