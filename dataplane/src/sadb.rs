@@ -475,7 +475,10 @@ mod tests {
             local: local.parse().unwrap(),
             remote: "198.51.100.7".parse().unwrap(),
             encap: None,
-            transform: Transform::Aead { alg: AeadAlg::Aes128Gcm, icv_len: 16 },
+            transform: Transform::Aead {
+                alg: AeadAlg::Aes128Gcm,
+                icv_len: 16,
+            },
             keys: SaKeys::new(&[7u8; 20], &[]),
             esn: false,
             replay_window: 64,
@@ -497,12 +500,32 @@ mod tests {
     fn install_lookup_remove() {
         let db = SaDb::new(16);
         let g = epoch::pin();
-        let id = db.install(params("a", Direction::In, 0x1000, "203.0.113.1"), &SoftwareProvider, 0).unwrap();
-        let out = db.install(params("b", Direction::Out, 0x2000, "203.0.113.1"), &SoftwareProvider, 0).unwrap();
+        let id = db
+            .install(
+                params("a", Direction::In, 0x1000, "203.0.113.1"),
+                &SoftwareProvider,
+                0,
+            )
+            .unwrap();
+        let out = db
+            .install(
+                params("b", Direction::Out, 0x2000, "203.0.113.1"),
+                &SoftwareProvider,
+                0,
+            )
+            .unwrap();
         assert_eq!(db.len(), 2);
-        assert_eq!(db.lookup_inbound(0x1000, ip("203.0.113.1"), &g).map(|s| s.id), Some(id));
+        assert_eq!(
+            db.lookup_inbound(0x1000, ip("203.0.113.1"), &g)
+                .map(|s| s.id),
+            Some(id)
+        );
         // Unique SPI: a different destination still finds it (RFC 4301 allows SPI-only lookup).
-        assert_eq!(db.lookup_inbound(0x1000, ip("203.0.113.9"), &g).map(|s| s.id), Some(id));
+        assert_eq!(
+            db.lookup_inbound(0x1000, ip("203.0.113.9"), &g)
+                .map(|s| s.id),
+            Some(id)
+        );
         // Outbound SAs are not in the SPI index.
         assert!(db.lookup_inbound(0x2000, ip("203.0.113.1"), &g).is_none());
         assert_eq!(db.get(out, &g).map(|s| s.spi), Some(0x2000));
@@ -517,15 +540,31 @@ mod tests {
     fn stale_handle_does_not_reach_a_reused_slot() {
         let db = SaDb::new(1);
         let g = epoch::pin();
-        let a = db.install(params("a", Direction::Out, 0x1000, "203.0.113.1"), &SoftwareProvider, 0).unwrap();
+        let a = db
+            .install(
+                params("a", Direction::Out, 0x1000, "203.0.113.1"),
+                &SoftwareProvider,
+                0,
+            )
+            .unwrap();
         db.remove(a).unwrap();
-        let b = db.install(params("b", Direction::Out, 0x1001, "203.0.113.1"), &SoftwareProvider, 0).unwrap();
+        let b = db
+            .install(
+                params("b", Direction::Out, 0x1001, "203.0.113.1"),
+                &SoftwareProvider,
+                0,
+            )
+            .unwrap();
         assert_eq!(a.slot(), b.slot());
         assert_ne!(a, b);
         assert!(db.get(a, &g).is_none());
         assert_eq!(db.get(b, &g).map(|s| s.spi), Some(0x1001));
         assert_eq!(
-            db.install(params("c", Direction::Out, 0x1002, "203.0.113.1"), &SoftwareProvider, 0),
+            db.install(
+                params("c", Direction::Out, 0x1002, "203.0.113.1"),
+                &SoftwareProvider,
+                0
+            ),
             Err(SadbError::Full(1))
         );
     }
@@ -534,34 +573,80 @@ mod tests {
     fn shared_spi_needs_the_destination() {
         let db = SaDb::new(16);
         let g = epoch::pin();
-        let a = db.install(params("a", Direction::In, 0x1000, "203.0.113.1"), &SoftwareProvider, 0).unwrap();
-        let b = db.install(params("b", Direction::In, 0x1000, "203.0.113.2"), &SoftwareProvider, 0).unwrap();
-        assert_eq!(db.lookup_inbound(0x1000, ip("203.0.113.1"), &g).map(|s| s.id), Some(a));
-        assert_eq!(db.lookup_inbound(0x1000, ip("203.0.113.2"), &g).map(|s| s.id), Some(b));
+        let a = db
+            .install(
+                params("a", Direction::In, 0x1000, "203.0.113.1"),
+                &SoftwareProvider,
+                0,
+            )
+            .unwrap();
+        let b = db
+            .install(
+                params("b", Direction::In, 0x1000, "203.0.113.2"),
+                &SoftwareProvider,
+                0,
+            )
+            .unwrap();
+        assert_eq!(
+            db.lookup_inbound(0x1000, ip("203.0.113.1"), &g)
+                .map(|s| s.id),
+            Some(a)
+        );
+        assert_eq!(
+            db.lookup_inbound(0x1000, ip("203.0.113.2"), &g)
+                .map(|s| s.id),
+            Some(b)
+        );
         assert!(db.lookup_inbound(0x1000, ip("203.0.113.3"), &g).is_none());
         // Same SPI and local address twice is an error that names the existing SA.
-        let e = db.install(params("c", Direction::In, 0x1000, "203.0.113.2"), &SoftwareProvider, 0).unwrap_err();
+        let e = db
+            .install(
+                params("c", Direction::In, 0x1000, "203.0.113.2"),
+                &SoftwareProvider,
+                0,
+            )
+            .unwrap_err();
         assert!(e.to_string().contains("(b)"), "{e}");
         // Once only one is left, its SPI is unique again.
         db.remove(a).unwrap();
-        assert_eq!(db.lookup_inbound(0x1000, ip("203.0.113.3"), &g).map(|s| s.id), Some(b));
+        assert_eq!(
+            db.lookup_inbound(0x1000, ip("203.0.113.3"), &g)
+                .map(|s| s.id),
+            Some(b)
+        );
     }
 
     #[test]
     fn reserved_spi_duplicate_name_and_bad_key() {
         let db = SaDb::new(4);
         assert_eq!(
-            db.install(params("a", Direction::In, 255, "203.0.113.1"), &SoftwareProvider, 0),
+            db.install(
+                params("a", Direction::In, 255, "203.0.113.1"),
+                &SoftwareProvider,
+                0
+            ),
             Err(SadbError::ReservedSpi(255))
         );
-        db.install(params("a", Direction::In, 256, "203.0.113.1"), &SoftwareProvider, 0).unwrap();
+        db.install(
+            params("a", Direction::In, 256, "203.0.113.1"),
+            &SoftwareProvider,
+            0,
+        )
+        .unwrap();
         assert_eq!(
-            db.install(params("a", Direction::In, 257, "203.0.113.1"), &SoftwareProvider, 0),
+            db.install(
+                params("a", Direction::In, 257, "203.0.113.1"),
+                &SoftwareProvider,
+                0
+            ),
             Err(SadbError::DuplicateName("a".into()))
         );
         let mut p = params("k", Direction::In, 258, "203.0.113.1");
         p.keys = SaKeys::new(&[1u8; 16], &[]);
-        assert!(matches!(db.install(p, &SoftwareProvider, 0), Err(SadbError::Crypto(_))));
+        assert!(matches!(
+            db.install(p, &SoftwareProvider, 0),
+            Err(SadbError::Crypto(_))
+        ));
         assert_eq!(db.len(), 1);
     }
 
@@ -572,7 +657,11 @@ mod tests {
         for round in 0..2000u32 {
             let spi = 0x1000 + round;
             let id = db
-                .install(params(&format!("sa{round}"), Direction::In, spi, "203.0.113.1"), &SoftwareProvider, 0)
+                .install(
+                    params(&format!("sa{round}"), Direction::In, spi, "203.0.113.1"),
+                    &SoftwareProvider,
+                    0,
+                )
                 .unwrap();
             live.push((spi, id));
             if live.len() > 40 {
@@ -582,7 +671,10 @@ mod tests {
             if round % 97 == 0 {
                 let g = epoch::pin();
                 for (spi, id) in &live {
-                    assert_eq!(db.lookup_inbound(*spi, ip("203.0.113.1"), &g).map(|s| s.id), Some(*id));
+                    assert_eq!(
+                        db.lookup_inbound(*spi, ip("203.0.113.1"), &g).map(|s| s.id),
+                        Some(*id)
+                    );
                 }
                 assert!(db.lookup_inbound(0x0FFF, ip("203.0.113.1"), &g).is_none());
             }
@@ -594,7 +686,13 @@ mod tests {
     fn readers_never_see_a_wrong_sa_while_writers_churn() {
         let db = Arc::new(SaDb::new(256));
         // A stable SA that must always be found.
-        let stable = db.install(params("stable", Direction::In, 0x5000, "203.0.113.1"), &SoftwareProvider, 0).unwrap();
+        let stable = db
+            .install(
+                params("stable", Direction::In, 0x5000, "203.0.113.1"),
+                &SoftwareProvider,
+                0,
+            )
+            .unwrap();
         let stop = Arc::new(AtomicBool::new(false));
         let readers: Vec<_> = (0..2)
             .map(|_| {
@@ -619,7 +717,11 @@ mod tests {
         for round in 0..3000u32 {
             let spi = 0x6000 + (round % 16);
             let name = format!("churn{round}");
-            if let Ok(id) = db.install(params(&name, Direction::In, spi, "203.0.113.1"), &SoftwareProvider, 0) {
+            if let Ok(id) = db.install(
+                params(&name, Direction::In, spi, "203.0.113.1"),
+                &SoftwareProvider,
+                0,
+            ) {
                 db.remove(id).unwrap();
             }
         }
@@ -634,32 +736,63 @@ mod tests {
     fn lifetimes_raise_soft_then_hard_once() {
         let db = SaDb::new(4);
         let mut p = params("a", Direction::Out, 0x1000, "203.0.113.1");
-        p.lifetime = Lifetime { soft_packets: Some(10), hard_packets: Some(20), soft_seconds: Some(100), hard_seconds: Some(120), ..Lifetime::default() };
+        p.lifetime = Lifetime {
+            soft_packets: Some(10),
+            hard_packets: Some(20),
+            soft_seconds: Some(100),
+            hard_seconds: Some(120),
+            ..Lifetime::default()
+        };
         let id = db.install(p, &SoftwareProvider, 1_000).unwrap();
         let g = epoch::pin();
         let sa = db.get(id, &g).unwrap();
         let sink = db.event_sink();
-        let run = RunCounts { packets: 6, bytes: 600, wire_bytes: 700 };
+        let run = RunCounts {
+            packets: 6,
+            bytes: 600,
+            wire_bytes: 700,
+        };
         sa.flush(&run, 2_000, &sink);
         assert!(db.drain_events().is_empty());
         sa.flush(&run, 3_000, &sink);
         let ev = db.drain_events();
         assert_eq!(ev.len(), 1);
-        assert_eq!((ev[0].kind, ev[0].limit), (EventKind::SoftExpired, Limit::Packets));
+        assert_eq!(
+            (ev[0].kind, ev[0].limit),
+            (EventKind::SoftExpired, Limit::Packets)
+        );
         sa.flush(&run, 4_000, &sink);
         assert!(db.drain_events().is_empty(), "soft is signalled once");
         // 18 used: two more allowed, the third would cross the hard limit.
-        let pending = RunCounts { packets: 1, bytes: 0, wire_bytes: 0 };
+        let pending = RunCounts {
+            packets: 1,
+            bytes: 0,
+            wire_bytes: 0,
+        };
         assert!(sa.within_hard_limits(&RunCounts::default(), 0, 5_000));
-        assert!(!sa.within_hard_limits(&RunCounts { packets: 2, ..pending }, 0, 5_000));
+        assert!(!sa.within_hard_limits(
+            &RunCounts {
+                packets: 2,
+                ..pending
+            },
+            0,
+            5_000
+        ));
         sa.flush(&run, 5_000, &sink);
         let ev = db.drain_events();
         assert_eq!(ev.len(), 1);
-        assert_eq!((ev[0].kind, ev[0].limit), (EventKind::HardExpired, Limit::Packets));
+        assert_eq!(
+            (ev[0].kind, ev[0].limit),
+            (EventKind::HardExpired, Limit::Packets)
+        );
         assert!(sa.is_dead());
         // Age: the sweep reports seconds limits of idle SAs too (once each; already dead here).
         let mut p = params("b", Direction::In, 0x1001, "203.0.113.1");
-        p.lifetime = Lifetime { soft_seconds: Some(100), hard_seconds: Some(120), ..Lifetime::default() };
+        p.lifetime = Lifetime {
+            soft_seconds: Some(100),
+            hard_seconds: Some(120),
+            ..Lifetime::default()
+        };
         db.install(p, &SoftwareProvider, 0).unwrap();
         db.sweep(99_000_000_000);
         assert!(db.drain_events().is_empty());
@@ -667,7 +800,10 @@ mod tests {
         // Only b: a has already signalled soft and hard, and each is signalled once.
         let ev = db.drain_events();
         assert_eq!(ev.len(), 1, "{ev:?}");
-        assert_eq!((ev[0].spi, ev[0].kind, ev[0].limit), (0x1001, EventKind::SoftExpired, Limit::Seconds));
+        assert_eq!(
+            (ev[0].spi, ev[0].kind, ev[0].limit),
+            (0x1001, EventKind::SoftExpired, Limit::Seconds)
+        );
         db.sweep(121_000_000_000);
         let ev = db.drain_events();
         assert_eq!(ev.len(), 1, "{ev:?}");
@@ -686,13 +822,21 @@ mod tests {
         assert_eq!(sa.reserve_seq(3, 0, &sink), (u64::from(u32::MAX) - 4, 3));
         let ev = db.drain_events();
         assert_eq!(ev.len(), 1, "soft warning near exhaustion: {ev:?}");
-        assert_eq!((ev[0].kind, ev[0].limit), (EventKind::SoftExpired, Limit::SequenceNumber));
+        assert_eq!(
+            (ev[0].kind, ev[0].limit),
+            (EventKind::SoftExpired, Limit::SequenceNumber)
+        );
         // 2 left: a request for 10 gets 2, ending exactly at 2^32-1.
         assert_eq!(sa.reserve_seq(10, 0, &sink), (u64::from(u32::MAX) - 1, 2));
         assert_eq!(sa.last_seq(), u64::from(u32::MAX));
         assert_eq!(sa.reserve_seq(1, 0, &sink).1, 0);
         assert!(sa.is_dead());
         let ev = db.drain_events();
-        assert_eq!(ev.iter().filter(|e| e.kind == EventKind::HardExpired).count(), 1);
+        assert_eq!(
+            ev.iter()
+                .filter(|e| e.kind == EventKind::HardExpired)
+                .count(),
+            1
+        );
     }
 }
