@@ -131,11 +131,28 @@ fn main() -> ExitCode {
     }
 }
 
+/// `replay=1 auth_failed=1 (absorbed: natt_keepalive=2)`, or `none`.
+fn drops_text(d: &serde_json::Value) -> String {
+    let list = |v: &serde_json::Value| -> Vec<String> {
+        v.as_object()
+            .map(|m| m.iter().map(|(k, n)| format!("{k}={n}")).collect())
+            .unwrap_or_default()
+    };
+    let mut out = list(&d["errors"]).join(" ");
+    let absorbed = list(&d["absorbed"]);
+    if !absorbed.is_empty() {
+        out = format!("{out} (absorbed: {})", absorbed.join(" "))
+            .trim()
+            .to_string();
+    }
+    if out.is_empty() { "none".into() } else { out }
+}
+
 fn print_demo(r: &demo::DemoResult) {
     println!(
         "espgw demo: gateway A (203.0.113.1) encrypts LAN traffic, gateway B (203.0.113.2) decrypts it."
     );
-    println!("On the way an attacker replays one ESP packet and corrupts another.\n");
+    println!("On the way an attacker replays one ESP packet and forges another.\n");
     for (name, rep) in [("gateway A", &r.a), ("gateway B", &r.b)] {
         println!(
             "== {name}: {} frames in, {} frames out",
@@ -157,11 +174,11 @@ fn print_demo(r: &demo::DemoResult) {
                     sa["transform"].as_str().unwrap_or("?"),
                     sa["local"].as_str().unwrap_or("?"),
                     sa["remote"].as_str().unwrap_or("?"),
-                    sa["drops"]["errors"],
+                    drops_text(&sa["drops"]),
                 );
             }
         }
-        println!("   drops: {}", rep["counters"]["drops"]);
+        println!("   drops: {}", drops_text(&rep["counters"]["drops"]));
     }
     println!(
         "\n{} of {} plaintext frames arrived at B's LAN byte for byte (TTL two hops lower).",
