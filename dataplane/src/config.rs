@@ -240,6 +240,7 @@ struct RawSa {
     dscp: Option<Spanned<toml::Value>>,
     ecn: Option<Spanned<String>>,
     outer_ttl: Option<Spanned<u64>>,
+    pad_align: Option<Spanned<u64>>,
 }
 
 impl Drop for RawSa {
@@ -950,6 +951,18 @@ pub fn parse_str(text: &str, file: &Path) -> Result<Config, ConfigError> {
             .and_then(|v| small::<u8>(&mut ctx, v, "outer_ttl", 1..=255))
             .unwrap_or(outer_ttl);
 
+        let pad_align = match (&r.pad_align, transform) {
+            (None, _) => None,
+            (Some(v), Some(t)) => {
+                let n = *v.get_ref();
+                let min = t.block_align() as u64;
+                if !(4..=256).contains(&n) || !n.is_power_of_two() || n % min != 0 {
+                    ctx.error(&v.span(), format!("pad_align {n} must be a power of two from 4 to 256 and a multiple of {min} (the {} block)", t.name()));
+                }
+                Some(n as usize)
+            }
+            (Some(_), None) => None,
+        };
         // Duplicate SPIs: inbound per local address, outbound per peer.
         if let (Some(l), Some(rm)) = (local, remote) {
             let (table, key, what) = match direction {
@@ -993,6 +1006,7 @@ pub fn parse_str(text: &str, file: &Path) -> Result<Config, ConfigError> {
                 dscp,
                 ecn,
                 outer_ttl: sa_ttl,
+                pad_align,
             });
         }
     }

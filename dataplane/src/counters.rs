@@ -43,6 +43,10 @@ drop_reasons! {
     Truncated = "truncated", true, "frame shorter than its headers say";
     /// A header field is invalid (IP version, header length, UDP length, ...).
     Malformed = "malformed", true, "malformed header";
+    /// The IPv4 header checksum is wrong (RFC 1812 §5.2.2: a router verifies it).
+    BadChecksum = "bad_checksum", true, "IPv4 header checksum is wrong";
+    /// A source address that cannot be right on this port (one of the gateway's own).
+    Martian = "martian", true, "source address is one of the gateway's own (spoofed or looped)";
     /// The frame does not fit the buffer or the configured maximum.
     Oversize = "oversize", true, "frame larger than the maximum frame size";
     /// No inbound SA for this SPI (Cisco: "invalid SPI").

@@ -31,8 +31,10 @@ struct Route {
 /// Routes and neighbours fixed at start.
 #[derive(Debug, Clone, Default)]
 pub struct StaticNextHops {
-    /// Longest prefix first.
+    /// Longest prefix first (configured and connected).
     routes: Vec<Route>,
+    /// The ports' connected prefixes.
+    connected: Vec<(PortId, Prefix)>,
     neighbors: HashMap<IpAddr, EthernetAddress>,
 }
 
@@ -52,6 +54,7 @@ impl StaticNextHops {
                 port: r.port,
             })
             .collect();
+        let mut connected = Vec::new();
         for (port, pc) in [(PortId::Wan, wan), (PortId::Lan, lan)] {
             for (_, prefix) in &pc.addresses {
                 r.push(Route {
@@ -59,12 +62,14 @@ impl StaticNextHops {
                     via: None,
                     port,
                 });
+                connected.push((port, *prefix));
             }
         }
         // Longest prefix first; configured routes before connected ones of the same length.
         r.sort_by_key(|x| std::cmp::Reverse(x.dst.prefix_len()));
         StaticNextHops {
             routes: r,
+            connected,
             neighbors: neighbors.iter().copied().collect(),
         }
     }
@@ -76,9 +81,20 @@ impl StaticNextHops {
                 return Ok((r.port, r.via.unwrap_or(dst)));
             }
         }
-        // A static neighbour entry for the destination itself is an implicit host route.
+        // A static neighbour entry for the destination itself is an implicit host route: on the
+        // port whose connected prefix holds it, or on any port if no prefix does (peers often sit
+        // beyond a router without a configured prefix).
         if self.neighbors.contains_key(&dst) {
-            return Ok((port.unwrap_or(PortId::Wan), dst));
+            let home = self
+                .connected
+                .iter()
+                .find(|(_, p)| p.contains(&a))
+                .map(|(port, _)| *port);
+            match (port, home) {
+                (Some(p), Some(h)) if p != h => {}
+                (_, Some(h)) => return Ok((h, dst)),
+                (p, None) => return Ok((p.unwrap_or(PortId::Wan), dst)),
+            }
         }
         Err(DropReason::NoRoute)
     }
@@ -151,5 +167,14 @@ mod tests {
             Err(DropReason::NoRoute)
         );
         assert_eq!(nh.route(ip("10.9.1.1")), Ok((PortId::Lan, m2)));
+        // A neighbour is only reachable through the port it sits behind.
+        assert_eq!(
+            nh.resolve(PortId::Wan, ip("10.1.0.5")),
+            Err(DropReason::NoRoute)
+        );
+        assert_eq!(nh.route(ip("10.1.0.5")), Ok((PortId::Lan, m1)));
+        assert_eq!(nh.route(ip("198.51.100.7")), Ok((PortId::Wan, m3)));
+        // Outside every connected prefix a static neighbour is reachable on either port.
+        assert_eq!(nh.resolve(PortId::Lan, ip("198.51.100.7")), Ok(m3));
     }
 }

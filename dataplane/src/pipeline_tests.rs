@@ -25,12 +25,12 @@ fn gateway(text: &str) -> Pipeline {
         &inst.dataplane.wan,
         &inst.dataplane.lan,
     );
-    let net = Arc::new(Network {
-        wan: inst.dataplane.wan.clone(),
-        lan: inst.dataplane.lan.clone(),
-        encap_port: inst.dataplane.encap_port,
-        next_hops: Box::new(nh),
-    });
+    let net = Arc::new(Network::new(
+        inst.dataplane.wan.clone(),
+        inst.dataplane.lan.clone(),
+        inst.dataplane.encap_port,
+        Box::new(nh),
+    ));
     Pipeline::new(db, net, WorkerCtx::from_seed([7; 32]))
 }
 
@@ -184,7 +184,8 @@ fn tunnel_headers_are_right_and_decap_restores_the_packet() {
         (protocol::ESP, 64, 10, ecn::ECT0, true)
     );
     let inner_len = f.len() - ethernet::HEADER_LEN;
-    let body = inner_len + esp::pad_len(inner_len, 4) + 2;
+    // AES-GCM pads to whole 16-byte blocks by default (`pad_align`).
+    let body = inner_len + esp::pad_len(inner_len, 16) + 2;
     assert_eq!(usize::from(ip.total_len()), 20 + 8 + 8 + body + 16);
     let e = esp::EspPacket::new_checked(ip.payload()).unwrap();
     assert_eq!((e.spi(), e.sequence_number()), (0x1001, 1));
@@ -325,7 +326,7 @@ key = "0x000102030405060708090a0b0c0d0e0f1011121314151617"
 integrity_key = "0x000102030405060708090a0b0c0d0e0f"
 {encap}
 [[policy]]
-src = "203.0.113.1"
+src = "0.0.0.0/0"
 dst = "203.0.113.2"
 protocol = "gre"
 action = "protect"
@@ -377,11 +378,22 @@ fn transport_mode_gre_from_the_host_round_trips() {
             "the host gets the original packet back ({encap})"
         );
     }
-    // The same SA never protects forwarded traffic.
+    // The same SA never protects forwarded traffic ...
     let mut a = sender("", "", &TRANSPORT_OUT.replace("{encap}", ""));
+    let mut forwarded = gre_from_host();
+    {
+        let mut p = ipv4::Ipv4Packet::new_unchecked(&mut forwarded[14..]);
+        p.set_src_addr(Ipv4Addr::new(10, 1, 0, 10));
+        p.fill_checksum();
+    }
+    assert_eq!(
+        run(&mut a, PortId::Lan, &forwarded).0,
+        Verdict::Drop(DropReason::TransportNotLocal)
+    );
+    // ... and a LAN packet claiming the gateway's own address is refused outright.
     assert_eq!(
         run(&mut a, PortId::Lan, &gre_from_host()).0,
-        Verdict::Drop(DropReason::TransportNotLocal)
+        Verdict::Drop(DropReason::Martian)
     );
 }
 

@@ -12,8 +12,10 @@ use std::net::IpAddr;
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct Prefix {
     v6: bool,
-    addr: u128,
     len: u8,
+    addr: u128,
+    /// Network mask, kept so that the per-packet test is one AND and one compare.
+    mask: u128,
 }
 
 impl Prefix {
@@ -24,10 +26,12 @@ impl Prefix {
             IpAddr::V6(a) => (true, a.to_bits(), 128u8),
         };
         let len = len.min(width);
-        let p = Prefix { v6, addr: 0, len };
+        let mask = Self::mask_for(v6, len);
         Prefix {
-            addr: bits & p.mask(),
-            ..p
+            v6,
+            len,
+            addr: bits & mask,
+            mask,
         }
     }
 
@@ -35,8 +39,9 @@ impl Prefix {
     pub fn any(v6: bool) -> Self {
         Prefix {
             v6,
-            addr: 0,
             len: 0,
+            addr: 0,
+            mask: 0,
         }
     }
 
@@ -45,22 +50,17 @@ impl Prefix {
         Prefix::new(addr, 128)
     }
 
-    fn width(&self) -> u8 {
-        if self.v6 { 128 } else { 32 }
+    fn mask_for(v6: bool, len: u8) -> u128 {
+        if len == 0 {
+            0
+        } else {
+            let ones = (!0u128) << (128 - u32::from(len));
+            if v6 { ones } else { (ones >> 96) & 0xFFFF_FFFF }
+        }
     }
 
     fn mask(&self) -> u128 {
-        let width = self.width();
-        if self.len == 0 {
-            0
-        } else {
-            let ones = (!0u128) << (128 - u32::from(self.len));
-            if width == 32 {
-                (ones >> 96) & 0xFFFF_FFFF
-            } else {
-                ones
-            }
-        }
+        self.mask
     }
 
     /// Prefix length.

@@ -221,12 +221,12 @@ pub fn run_with_config(
         &installed.dataplane.wan,
         &installed.dataplane.lan,
     );
-    let net = Arc::new(Network {
-        wan: installed.dataplane.wan.clone(),
-        lan: installed.dataplane.lan.clone(),
-        encap_port: installed.dataplane.encap_port,
-        next_hops: Box::new(next_hops),
-    });
+    let net = Arc::new(Network::new(
+        installed.dataplane.wan.clone(),
+        installed.dataplane.lan.clone(),
+        installed.dataplane.encap_port,
+        Box::new(next_hops),
+    ));
     let mut pipe = Pipeline::new(Arc::clone(&db), net, WorkerCtx::new());
 
     let mut frames_in = 0u64;

@@ -489,6 +489,7 @@ mod tests {
             dscp: DscpMode::Copy,
             ecn: EcnMode::Normal,
             outer_ttl: 64,
+            pad_align: None,
         }
     }
 
@@ -750,7 +751,7 @@ mod tests {
         let run = RunCounts {
             packets: 6,
             bytes: 600,
-            wire_bytes: 700,
+            esp_bytes: 700,
         };
         sa.flush(&run, 2_000, &sink);
         assert!(db.drain_events().is_empty());
@@ -767,7 +768,7 @@ mod tests {
         let pending = RunCounts {
             packets: 1,
             bytes: 0,
-            wire_bytes: 0,
+            esp_bytes: 0,
         };
         assert!(sa.within_hard_limits(&RunCounts::default(), 0, 5_000));
         assert!(!sa.within_hard_limits(

@@ -92,7 +92,11 @@ pub fn pseudo_header_v6(src: &Ipv6Addr, dst: &Ipv6Addr, next_header: u8, length:
 /// `HC' = ~(~HC + ~m + m')`. Returns the new checksum field value.
 #[inline]
 pub fn update16(checksum: u16, old: u16, new: u16) -> u16 {
-    !combine(&[!checksum, !old, new])
+    // Three 16-bit terms: two folds absorb every carry.
+    let s = u32::from(!checksum) + u32::from(!old) + u32::from(new);
+    let s = (s & 0xFFFF) + (s >> 16);
+    let s = (s & 0xFFFF) + (s >> 16);
+    !(s as u16)
 }
 
 #[cfg(test)]

@@ -129,8 +129,14 @@ impl<T: AsRef<[u8]>> AsRef<[u8]> for EspPacket<T> {
 #[inline]
 pub fn pad_len(payload_len: usize, align: usize) -> usize {
     debug_assert!(align.is_power_of_two() && align >= 4);
-    let align = align.max(1);
-    (align - (payload_len + TRAILER_FIXED_LEN) % align) % align
+    if align.is_power_of_two() {
+        // A mask, not a division: this runs for every packet sent.
+        let m = align - 1;
+        (align - ((payload_len + TRAILER_FIXED_LEN) & m)) & m
+    } else {
+        let align = align.max(1);
+        (align - (payload_len + TRAILER_FIXED_LEN) % align) % align
+    }
 }
 
 /// Writes the trailer into `buf[..pad_len + 2]`: the default padding

@@ -323,6 +323,7 @@ impl<T: AsRef<[u8]> + AsMut<[u8]>> Ipv4Packet<T> {
     /// Decrements the TTL and updates the checksum incrementally (RFC 1624).
     /// Returns `false`, changing nothing, if the TTL is 0 or 1 (the packet
     /// must not be forwarded).
+    #[inline]
     pub fn decrement_ttl(&mut self) -> bool {
         let ttl = self.ttl();
         if ttl <= 1 {
@@ -397,17 +398,31 @@ pub fn emit_header(buf: &mut [u8], h: &Ipv4Header) -> Result<()> {
     if h.dscp > 0x3f || h.ecn > 0x03 {
         return Err(Error::Malformed);
     }
-    let mut p = Ipv4Packet::new_unchecked(&mut buf[..HEADER_LEN]);
-    p.set_version_and_header_len(HEADER_LEN);
-    p.buffer[field::DSCP_ECN] = (h.dscp << 2) | h.ecn;
-    p.set_total_len(total);
-    p.set_ident(h.ident);
-    p.set_flags_offset(if h.dont_frag { FLAG_DF } else { 0 });
-    p.set_ttl(h.ttl);
-    p.set_next_header(h.protocol);
-    p.set_src_addr(h.src);
-    p.set_dst_addr(h.dst);
-    p.fill_checksum();
+    // Build the ten 16-bit words in registers and sum them there: writing the bytes one field
+    // at a time and reading them back for the checksum stalls on store forwarding.
+    let src = h.src.to_bits();
+    let dst = h.dst.to_bits();
+    let mut w: [u16; 10] = [
+        0x4500 | u16::from((h.dscp << 2) | h.ecn),
+        total,
+        h.ident,
+        if h.dont_frag { FLAG_DF } else { 0 },
+        (u16::from(h.ttl) << 8) | u16::from(h.protocol),
+        0,
+        (src >> 16) as u16,
+        src as u16,
+        (dst >> 16) as u16,
+        dst as u16,
+    ];
+    let mut sum: u32 = w.iter().map(|x| u32::from(*x)).sum();
+    sum = (sum & 0xffff) + (sum >> 16);
+    sum = (sum & 0xffff) + (sum >> 16);
+    w[5] = !(sum as u16);
+    let mut out = [0u8; HEADER_LEN];
+    for (o, x) in out.chunks_exact_mut(2).zip(w) {
+        o.copy_from_slice(&x.to_be_bytes());
+    }
+    buf[..HEADER_LEN].copy_from_slice(&out);
     Ok(())
 }
 
