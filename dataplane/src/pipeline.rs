@@ -202,35 +202,93 @@ impl L3 {
         usize::from(self.ip_len)
     }
 
-    /// Source and destination, read from the packet (`ip` starts at the IP header; the length
-    /// was checked by the parse).
-    #[inline]
+    /// Source and destination, read from the packet (`ip` starts at the IP header; the parse
+    /// checked the length, so the zero fallback is never taken).
+    #[inline(always)]
     fn addrs(&self, ip: &[u8]) -> (FlowAddr, FlowAddr) {
+        let a4 = |b: &[u8]| {
+            let mut x = [0u8; 4];
+            x.copy_from_slice(b);
+            FlowAddr {
+                v6: false,
+                bits: u128::from(u32::from_be_bytes(x)),
+            }
+        };
+        let a6 = |b: &[u8]| {
+            let mut x = [0u8; 16];
+            x.copy_from_slice(b);
+            FlowAddr {
+                v6: true,
+                bits: u128::from_be_bytes(x),
+            }
+        };
         if self.v6() {
-            let a = |r: std::ops::Range<usize>| {
-                let mut b = [0u8; 16];
-                b.copy_from_slice(&ip[r]);
-                FlowAddr {
-                    v6: true,
-                    bits: u128::from_be_bytes(b),
-                }
-            };
-            (a(8..24), a(24..40))
+            match ip.first_chunk::<{ ipv6::HEADER_LEN }>() {
+                Some(h) => (a6(&h[8..24]), a6(&h[24..40])),
+                None => (a6(&[0; 16]), a6(&[0; 16])),
+            }
         } else {
-            let a = |r: std::ops::Range<usize>| {
-                let mut b = [0u8; 4];
-                b.copy_from_slice(&ip[r]);
-                FlowAddr {
-                    v6: false,
-                    bits: u128::from(u32::from_be_bytes(b)),
+            match ip.first_chunk::<{ ipv4::HEADER_LEN }>() {
+                Some(h) => (a4(&h[12..16]), a4(&h[16..20])),
+                None => (a4(&[0; 4]), a4(&[0; 4])),
+            }
+        }
+    }
+
+    /// The raw bytes behind [`flow`](Self::flow): protocol, addresses and the first four bytes of
+    /// the upper-layer header (ports, when the protocol has them). Equal tags mean equal flows.
+    #[inline(always)]
+    fn flow_tag(&self, ip: &[u8]) -> FlowTag {
+        let upper = usize::from(self.upper);
+        let first4 = if self.flags & F_LATER_FRAG != 0 {
+            None
+        } else {
+            ip.get(upper..self.ip_len())
+                .and_then(|l4| l4.first_chunk::<4>())
+        };
+        let l4 = first4.map_or(0, |b| u64::from(u32::from_ne_bytes(*b)) | 1 << 40);
+        let c = l4 | u64::from(self.proto) << 32;
+        if self.v6() {
+            match ip.first_chunk::<{ ipv6::HEADER_LEN }>() {
+                Some(h) => {
+                    let mut a = [0u8; 16];
+                    let mut b = [0u8; 16];
+                    a.copy_from_slice(&h[8..24]);
+                    b.copy_from_slice(&h[24..40]);
+                    FlowTag {
+                        a: u128::from_ne_bytes(a),
+                        b: u128::from_ne_bytes(b),
+                        c: c | 1 << 41,
+                    }
                 }
-            };
-            (a(12..16), a(16..20))
+                None => FlowTag {
+                    a: 0,
+                    b: 0,
+                    c: u64::MAX,
+                },
+            }
+        } else {
+            match ip.first_chunk::<{ ipv4::HEADER_LEN }>() {
+                Some(h) => {
+                    let mut a = [0u8; 8];
+                    a.copy_from_slice(&h[12..20]);
+                    FlowTag {
+                        a: u128::from(u64::from_ne_bytes(a)),
+                        b: 0,
+                        c,
+                    }
+                }
+                None => FlowTag {
+                    a: 0,
+                    b: 0,
+                    c: u64::MAX,
+                },
+            }
         }
     }
 
     /// The selector view of the packet.
-    #[inline]
+    #[inline(always)]
     fn flow(&self, ip: &[u8]) -> FlowKey {
         let (src, dst) = self.addrs(ip);
         let ports = if self.flags & F_LATER_FRAG != 0 {
@@ -263,22 +321,33 @@ fn parse_ip(data: &[u8], eth_len: usize, v6: bool, l3: &mut L3) -> Result<(), Dr
     l3.eth_len = eth_len as u16;
     if !v6 {
         let p = ipv4::Ipv4Packet::new_checked(data).map_err(wire_err)?;
-        let hl = p.header_len() as u16;
-        if !ipv4_header_checksum_ok(&data[..usize::from(hl)]) {
+        let hl = p.header_len();
+        // The checks passed: read the fixed 20 bytes through an array-backed view, whose field
+        // reads need no bounds checks.
+        let Some(fixed) = data.first_chunk::<{ ipv4::HEADER_LEN }>() else {
+            return Err(DropReason::Truncated);
+        };
+        let h = ipv4::Ipv4Packet::new_unchecked(fixed);
+        let ok = if hl == ipv4::HEADER_LEN {
+            ipv4_header_checksum_ok(fixed)
+        } else {
+            checksum::sum(&data[..hl]) == 0xFFFF
+        };
+        if !ok {
             return Err(DropReason::BadChecksum);
         }
-        let frag = p.is_fragment();
-        let later = p.frag_offset() != 0;
-        l3.ip_len = p.total_len();
-        l3.keep = hl;
+        let later = h.frag_offset() != 0;
+        let frag = later || h.more_frags();
+        l3.ip_len = h.total_len();
+        l3.keep = hl as u16;
         l3.nh_field = 9;
-        l3.upper = hl;
-        l3.proto = p.next_header();
-        l3.ttl = p.ttl();
-        l3.tos = data[1];
+        l3.upper = hl as u16;
+        l3.proto = h.next_header();
+        l3.ttl = h.ttl();
+        l3.tos = fixed[1];
         l3.flags = if frag { F_FRAG } else { 0 }
             | if later { F_LATER_FRAG } else { 0 }
-            | if p.dont_frag() { F_DF } else { 0 };
+            | if h.dont_frag() { F_DF } else { 0 };
     } else {
         let p = ipv6::Ipv6Packet::new_checked(data).map_err(wire_err)?;
         let ext = p.walk_ext_headers().map_err(wire_err)?;
@@ -299,21 +368,17 @@ fn parse_ip(data: &[u8], eth_len: usize, v6: bool, l3: &mut L3) -> Result<(), Dr
     Ok(())
 }
 
-/// Does an IPv4 header (with its checksum field) sum to 0xFFFF? The option-less 20-byte header
-/// is summed inline as five words; headers with options take the general path.
+/// Does an option-less IPv4 header (with its checksum field) sum to 0xFFFF? Five 32-bit words,
+/// summed inline.
 #[inline(always)]
-fn ipv4_header_checksum_ok(h: &[u8]) -> bool {
-    if let Ok(w) = <&[u8; 20]>::try_from(h) {
-        let word = |i: usize| u64::from(u32::from_be_bytes([w[i], w[i + 1], w[i + 2], w[i + 3]]));
-        let mut s = word(0) + word(4) + word(8) + word(12) + word(16);
-        s = (s & 0xFFFF_FFFF) + (s >> 32);
-        s = (s & 0xFFFF) + (s >> 16);
-        s = (s & 0xFFFF) + (s >> 16);
-        s = (s & 0xFFFF) + (s >> 16);
-        s == 0xFFFF
-    } else {
-        checksum::sum(h) == 0xFFFF
-    }
+fn ipv4_header_checksum_ok(w: &[u8; ipv4::HEADER_LEN]) -> bool {
+    let word = |i: usize| u64::from(u32::from_be_bytes([w[i], w[i + 1], w[i + 2], w[i + 3]]));
+    let mut s = word(0) + word(4) + word(8) + word(12) + word(16);
+    s = (s & 0xFFFF_FFFF) + (s >> 32);
+    s = (s & 0xFFFF) + (s >> 16);
+    s = (s & 0xFFFF) + (s >> 16);
+    s = (s & 0xFFFF) + (s >> 16);
+    s == 0xFFFF
 }
 
 /// Parse an Ethernet frame carrying IP into `l3`. `Ok(false)`: not IP (ARP, ...).
@@ -361,6 +426,8 @@ struct Meta<'g> {
     l3: L3,
     /// Outbound: next-hop MAC.
     mac: ethernet::EthernetAddress,
+    /// Outbound tunnel mode: index of the SA's header template in the chunk.
+    tpl: u8,
     verdict: Verdict,
     todo: Todo,
     status: OpStatus,
@@ -385,6 +452,7 @@ impl Meta<'_> {
             flags: 0,
         },
         mac: ethernet::EthernetAddress([0; 6]),
+        tpl: 0,
         verdict: Verdict::Drop(DropReason::Unsupported),
         todo: Todo::Done,
         status: OpStatus::Pending,
@@ -422,7 +490,7 @@ struct HopCache(
 );
 
 impl HopCache {
-    #[inline]
+    #[inline(always)]
     fn resolve(
         &mut self,
         net: &Network,
@@ -437,6 +505,52 @@ impl HopCache {
                 r
             }
         }
+    }
+}
+
+/// The last outbound SA of a chunk, with its next hop and (tunnel mode) its header template, so
+/// that a run of packets of one SA does the lookups and builds the outer headers once.
+struct OutCache<'g> {
+    id: Option<SaId>,
+    sa: Option<&'g Sa>,
+    mac: Result<ethernet::EthernetAddress, DropReason>,
+    tpl: u8,
+}
+
+impl<'g> OutCache<'g> {
+    fn new() -> Self {
+        OutCache {
+            id: None,
+            sa: None,
+            mac: Err(DropReason::NoRoute),
+            tpl: 0,
+        }
+    }
+
+    /// The SA for `id`, its next-hop MAC and the index of its header template in `tpls`.
+    #[inline]
+    fn get(
+        &mut self,
+        id: SaId,
+        db: &'g SaDb,
+        guard: &'g crossbeam_epoch::Guard,
+        net: &Network,
+        hops: &mut HopCache,
+        tpls: &mut ArrayVec<OuterTemplate, MAX_BURST>,
+    ) -> Option<(&'g Sa, Result<ethernet::EthernetAddress, DropReason>, u8)> {
+        if self.id != Some(id) {
+            self.id = Some(id);
+            self.sa = db.get(id, guard);
+            if let Some(sa) = self.sa {
+                self.mac = hops.resolve(net, PortId::Wan, sa.remote);
+                if let (Ok(mac), Mode::Tunnel) = (self.mac, sa.mode) {
+                    // At most one template per frame of the chunk: never full.
+                    self.tpl = tpls.len() as u8;
+                    let _ = tpls.try_push(OuterTemplate::new(sa, mac, &net.wan));
+                }
+            }
+        }
+        self.sa.map(|sa| (sa, self.mac, self.tpl))
     }
 }
 
@@ -561,14 +675,21 @@ impl Pipeline {
         let mut metas: ArrayVec<Meta<'_>, MAX_BURST> = ArrayVec::new();
 
         // 1. classify
-        let mut sas = SaCache::<SaId>::new();
+        let mut sas = OutCache::new();
         let mut hops = HopCache::default();
         let mut memo = None;
+        let mut tpls: ArrayVec<OuterTemplate, MAX_BURST> = ArrayVec::new();
+        // The outer headers go into the cache line in front of each frame, which nothing has
+        // touched yet (a NIC writes from the frame start): read it now, for the whole chunk, so
+        // the lines arrive while the frames are classified.
+        for f in frames.iter() {
+            std::hint::black_box(f.buf.get(f.start.saturating_sub(32)).copied());
+        }
         for f in frames.iter_mut() {
             metas.push(Meta::EMPTY);
             let Some(m) = metas.last_mut() else { break };
             if let Err(v) = classify_out(
-                port, f, m, spd, &db, &net, &guard, &mut sas, &mut hops, &mut memo,
+                port, f, m, spd, &db, &net, &guard, &mut sas, &mut hops, &mut memo, &mut tpls,
             ) {
                 m.finish(v);
             }
@@ -620,9 +741,14 @@ impl Pipeline {
             {
                 self.ident = self.ident.wrapping_add(1);
                 match sa.mode {
-                    Mode::Tunnel => {
-                        build_tunnel(f, m, sa, &net.wan, self.ident, port == PortId::Lan)
-                    }
+                    Mode::Tunnel => build_tunnel(
+                        f,
+                        m,
+                        sa,
+                        &tpls[usize::from(m.tpl)],
+                        self.ident,
+                        port == PortId::Lan,
+                    ),
                     Mode::Transport => build_transport(f, m, sa, &net.wan),
                 }
             }
@@ -811,9 +937,10 @@ fn classify_out<'g>(
     db: &'g SaDb,
     net: &Network,
     guard: &'g crossbeam_epoch::Guard,
-    sas: &mut SaCache<'g, SaId>,
+    sas: &mut OutCache<'g>,
     hops: &mut HopCache,
-    memo: &mut Option<(FlowKey, Decision)>,
+    memo: &mut Option<(FlowTag, Decision)>,
+    tpls: &mut ArrayVec<OuterTemplate, MAX_BURST>,
 ) -> Result<(), Verdict> {
     let data = f.data();
     let l3 = &mut m.l3;
@@ -828,22 +955,24 @@ fn classify_out<'g>(
         return Err(Verdict::ToHost);
     }
     let ip = &data[l3.eth_len()..];
-    let key = l3.flow(ip);
-    // Bursts are mostly a few flows: the decision for the previous packet's flow is reused.
+    // Bursts are mostly a few flows: the decision for the previous packet's flow is reused. The
+    // memo is keyed on the raw header bytes that make up the selector view (equal bytes, equal
+    // flow), so a repeated flow costs a compare instead of building a flow key.
+    let tag = l3.flow_tag(ip);
     let decision = match *memo {
-        Some((k, d)) if k == key => d,
+        Some((t, d)) if t == tag => d,
         _ => {
-            let d = decide(port, &key, spd, net);
-            *memo = Some((key, d));
+            let d = decide(port, &l3.flow(ip), spd, net);
+            *memo = Some((tag, d));
             d
         }
     };
     let id = match decision {
         Decision::Verdict(v) => return Err(v),
-        Decision::Bypass => return Err(bypass(port, f, *l3, key.dst.ip(), net)),
+        Decision::Bypass => return Err(bypass(port, f, *l3, l3.addrs(ip).1.ip(), net)),
         Decision::Protect(id) => id,
     };
-    let Some(sa) = sas.get(id, || db.get(id, guard)) else {
+    let Some((sa, mac, tpl)) = sas.get(id, db, guard, net, hops, tpls) else {
         return Err(Verdict::Drop(DropReason::NoSa));
     };
     let drop = |r: DropReason| {
@@ -899,7 +1028,8 @@ fn classify_out<'g>(
     {
         return Err(drop(DropReason::NoBufferSpace));
     }
-    m.mac = hops.resolve(net, PortId::Wan, sa.remote).map_err(drop)?;
+    m.mac = mac.map_err(drop)?;
+    m.tpl = tpl;
     m.sa = Some(sa);
     m.todo = Todo::Seal;
     // Bounded by the checks above (u16 lengths, buffer offsets within u32).
@@ -907,6 +1037,14 @@ fn classify_out<'g>(
     m.esp_len = esp_len as u32;
     m.bytes = inner_len as u32;
     Ok(())
+}
+
+/// A flow's identity in raw bytes (see [`L3::flow_tag`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct FlowTag {
+    a: u128,
+    b: u128,
+    c: u64,
 }
 
 /// What the policy (and the LAN-side sanity checks) say about a flow.
@@ -1236,11 +1374,14 @@ fn set_ecn(pkt: &mut [u8], v6: bool, value: u8) {
     }
 }
 
+#[inline(always)]
 fn decrement_ttl(pkt: &mut [u8], v6: bool) -> bool {
     if v6 {
-        ipv6::Ipv6Packet::new_unchecked(pkt).decrement_hop_limit()
+        pkt.first_chunk_mut::<{ ipv6::HEADER_LEN }>()
+            .is_some_and(|h| ipv6::Ipv6Packet::new_unchecked(h).decrement_hop_limit())
     } else {
-        ipv4::Ipv4Packet::new_unchecked(pkt).decrement_ttl()
+        pkt.first_chunk_mut::<{ ipv4::HEADER_LEN }>()
+            .is_some_and(|h| ipv4::Ipv4Packet::new_unchecked(h).decrement_ttl())
     }
 }
 
@@ -1274,13 +1415,118 @@ fn rewrite_ethernet(
     Ok(())
 }
 
+/// The outer headers of one tunnel-mode SA's packets, built once per chunk (per run of that SA):
+/// Ethernet (next hop, port MAC, VLAN), outer IPv4/IPv6 and UDP, right-aligned in `bytes` so
+/// that one fixed-size copy ending at the ESP header lays them down; the per-packet fields
+/// (lengths, identification, DSCP/ECN, DF, checksum) are patched after the copy.
+#[derive(Debug, Clone, Copy)]
+struct OuterTemplate {
+    bytes: [u8; OuterTemplate::MAX],
+    /// Length of the headers (the last `len` bytes of `bytes`).
+    len: u8,
+    /// Offset of the IP header from the start of the headers.
+    ip_at: u8,
+    v6: bool,
+    udp: bool,
+    /// IPv4: one's-complement sum of the header words that are the same for every packet.
+    sum: u32,
+}
+
+impl OuterTemplate {
+    const MAX: usize = ethernet::VLAN_HEADER_LEN + ipv6::HEADER_LEN + udp::HEADER_LEN;
+
+    fn new(sa: &Sa, mac: ethernet::EthernetAddress, wan: &PortConfig) -> Self {
+        let eth_len = if wan.vlan.is_some() {
+            ethernet::VLAN_HEADER_LEN
+        } else {
+            ethernet::HEADER_LEN
+        };
+        let v6 = sa.remote.is_ipv6();
+        let ip_len = if v6 {
+            ipv6::HEADER_LEN
+        } else {
+            ipv4::HEADER_LEN
+        };
+        let udp = sa.encap.is_some();
+        let len = eth_len + ip_len + if udp { udp::HEADER_LEN } else { 0 };
+        let mut t = OuterTemplate {
+            bytes: [0; Self::MAX],
+            len: len as u8,
+            ip_at: eth_len as u8,
+            v6,
+            udp,
+            sum: 0,
+        };
+        let h = &mut t.bytes[Self::MAX - len..];
+        let ethertype = if v6 {
+            ethernet::ethertype::IPV6
+        } else {
+            ethernet::ethertype::IPV4
+        };
+        let _ = ethernet::emit_header(h, mac, wan.mac, wan.vlan, ethertype);
+        let next = if udp { protocol::UDP } else { protocol::ESP };
+        match (sa.local, sa.remote) {
+            (IpAddr::V4(src), IpAddr::V4(dst)) => {
+                let ip = ipv4::Ipv4Header {
+                    src,
+                    dst,
+                    protocol: next,
+                    ttl: sa.outer_ttl,
+                    dscp: 0,
+                    ecn: 0,
+                    dont_frag: false,
+                    ident: 0,
+                    payload_len: 0,
+                };
+                let _ = ipv4::emit_header(&mut h[eth_len..], &ip);
+                // Constant words: version/IHL, TTL/protocol, addresses (TOS, lengths,
+                // identification and flags are added per packet).
+                let w = |b: &[u8]| u32::from(u16::from_be_bytes([b[0], b[1]]));
+                let c = &h[eth_len..eth_len + ipv4::HEADER_LEN];
+                t.sum = (u32::from(c[0]) << 8)
+                    + w(&c[8..])
+                    + w(&c[12..])
+                    + w(&c[14..])
+                    + w(&c[16..])
+                    + w(&c[18..]);
+            }
+            (IpAddr::V6(src), IpAddr::V6(dst)) => {
+                let ip = ipv6::Ipv6Header {
+                    src,
+                    dst,
+                    next_header: next,
+                    hop_limit: sa.outer_ttl,
+                    traffic_class: 0,
+                    flow_label: 0,
+                    payload_len: 0,
+                };
+                let _ = ipv6::emit_header(&mut h[eth_len..], &ip);
+            }
+            // Configuration guarantees one family for both outer addresses.
+            _ => {}
+        }
+        if let Some(e) = sa.encap {
+            let _ = udp::emit_header(
+                &mut h[eth_len + ip_len..],
+                e.sport,
+                e.dport,
+                udp::HEADER_LEN as u16,
+            );
+        }
+        t
+    }
+}
+
+/// The default padding bytes for up to 15 bytes of padding, written as one fixed-size copy.
+const PAD16: [u8; 16] = [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16];
+
 /// Write ESP header, trailer, UDP, outer IP and Ethernet around an inner packet (tunnel mode).
 #[inline(always)]
 fn build_tunnel(
     f: &mut Frame<'_>,
     m: &mut Meta<'_>,
     sa: &Sa,
-    wan: &PortConfig,
+    t: &OuterTemplate,
     ident: u16,
     forwarded: bool,
 ) {
@@ -1296,26 +1542,29 @@ fn build_tunnel(
     } else {
         protocol::IPIP
     };
+    let esp_off = m.esp_off as usize;
+    let esp_end = esp_off + m.esp_len as usize;
     let tail = inner_at + inner_len;
     let pad = esp::pad_len(inner_len, sa.pad_align);
-    // Cannot fail: sizes were checked at classify.
-    let _ = esp::write_trailer(&mut f.buf[tail..tail + pad + 2], pad, nh);
-    let esp_off = m.esp_off as usize;
-    let esp_len = m.esp_len as usize;
-    write_esp_header(f.buf, esp_off, sa.spi, m.seq);
-    let udp_len = if sa.encap.is_some() {
-        udp::HEADER_LEN
+    // The trailer. Up to 15 bytes of padding: one 16-byte copy (it runs into the ICV space, which
+    // the crypto overwrites; classify checked the room).
+    if pad < PAD16.len() && tail + PAD16.len() <= esp_end {
+        f.buf[tail..tail + PAD16.len()].copy_from_slice(&PAD16);
+        f.buf[tail + pad] = pad as u8;
+        f.buf[tail + pad + 1] = nh;
     } else {
-        0
-    };
-    let udp_at = esp_off - udp_len;
-    if let Some(e) = sa.encap {
-        let _ = udp::emit_header(
-            &mut f.buf[udp_at..esp_off],
-            e.sport,
-            e.dport,
-            (udp_len + esp_len) as u16,
-        );
+        let _ = esp::write_trailer(&mut f.buf[tail..tail + pad + 2], pad, nh);
+    }
+    write_esp_header(f.buf, esp_off, sa.spi, m.seq);
+
+    // Outer headers from the template, then the per-packet fields.
+    let len = usize::from(t.len);
+    let start = esp_off - len;
+    if esp_off >= OuterTemplate::MAX {
+        // Fixed-size copy; the bytes in front of `start` are headroom.
+        f.buf[esp_off - OuterTemplate::MAX..esp_off].copy_from_slice(&t.bytes);
+    } else {
+        f.buf[start..esp_off].copy_from_slice(&t.bytes[OuterTemplate::MAX - len..]);
     }
     let dscp = match sa.dscp {
         DscpMode::Copy => l3.dscp(),
@@ -1325,52 +1574,44 @@ fn build_tunnel(
         EcnMode::Normal => ecn::encap(l3.ecn()),
         EcnMode::Compat => ecn::NOT_ECT,
     };
-    let payload_len = (udp_len + esp_len) as u16;
-    let next = if sa.encap.is_some() {
-        protocol::UDP
-    } else {
-        protocol::ESP
-    };
-    let ip_at = match (sa.local, sa.remote) {
-        (IpAddr::V4(s), IpAddr::V4(d)) => {
-            let at = udp_at - ipv4::HEADER_LEN;
-            let df = match sa.df {
-                DfMode::Copy => l3.df(),
-                DfMode::Set => true,
-                DfMode::Clear => false,
-            };
-            let h = ipv4::Ipv4Header {
-                src: s,
-                dst: d,
-                protocol: next,
-                ttl: sa.outer_ttl,
-                dscp,
-                ecn: ecn_out,
-                dont_frag: df,
-                ident,
-                payload_len,
-            };
-            let _ = ipv4::emit_header(&mut f.buf[at..udp_at], &h);
-            at
+    let tos = (dscp << 2) | ecn_out;
+    let ip_at = start + usize::from(t.ip_at);
+    let payload_len = (esp_end - ip_at) as u16
+        - if t.v6 {
+            ipv6::HEADER_LEN as u16
+        } else {
+            ipv4::HEADER_LEN as u16
+        };
+    if t.udp {
+        let u = esp_off - udp::HEADER_LEN;
+        f.buf[u + 4..u + 6].copy_from_slice(&((esp_end - u) as u16).to_be_bytes());
+    }
+    if t.v6 {
+        if let Some(h) = f.buf[ip_at..].first_chunk_mut::<{ ipv6::HEADER_LEN }>() {
+            let vtf = 0x6000_0000u32 | (u32::from(tos) << 20);
+            h[..4].copy_from_slice(&vtf.to_be_bytes());
+            h[4..6].copy_from_slice(&payload_len.to_be_bytes());
         }
-        (IpAddr::V6(s), IpAddr::V6(d)) => {
-            let at = udp_at - ipv6::HEADER_LEN;
-            let h = ipv6::Ipv6Header {
-                src: s,
-                dst: d,
-                next_header: next,
-                hop_limit: sa.outer_ttl,
-                traffic_class: dscp << 2 | ecn_out,
-                flow_label: 0,
-                payload_len,
-            };
-            let _ = ipv6::emit_header(&mut f.buf[at..udp_at], &h);
-            at
-        }
-        // Configuration guarantees one family for both outer addresses.
-        _ => udp_at,
-    };
-    finish_outer(f, m, ip_at, sa.remote.is_ipv6(), wan);
+    } else if let Some(h) = f.buf[ip_at..].first_chunk_mut::<{ ipv4::HEADER_LEN }>() {
+        let df = match sa.df {
+            DfMode::Copy => l3.df(),
+            DfMode::Set => true,
+            DfMode::Clear => false,
+        };
+        let total = payload_len + ipv4::HEADER_LEN as u16;
+        let flags: u16 = if df { 0x4000 } else { 0 };
+        let mut sum =
+            t.sum + u32::from(tos) + u32::from(total) + u32::from(ident) + u32::from(flags);
+        sum = (sum & 0xFFFF) + (sum >> 16);
+        sum = (sum & 0xFFFF) + (sum >> 16);
+        h[1] = tos;
+        h[2..4].copy_from_slice(&total.to_be_bytes());
+        h[4..6].copy_from_slice(&ident.to_be_bytes());
+        h[6..8].copy_from_slice(&flags.to_be_bytes());
+        h[10..12].copy_from_slice(&(!(sum as u16)).to_be_bytes());
+    }
+    f.start = start;
+    f.len = esp_end - start;
 }
 
 /// Insert UDP/ESP between an IP header and its payload (transport mode).

@@ -251,6 +251,7 @@ impl<T: AsRef<[u8]>> AsRef<[u8]> for EthernetFrame<T> {
 /// (TPID 0x8100) carrying `vlan_tci` if it is `Some`. Returns the header
 /// length (14 or 18), or [`Error::Truncated`] if `buf` is too short (then
 /// nothing is written).
+#[inline]
 pub fn emit_header(
     buf: &mut [u8],
     dst: EthernetAddress,

@@ -387,6 +387,7 @@ pub struct Ipv4Header {
 /// [`Error::Malformed`] if `payload_len + 20` does not fit the 16-bit total
 /// length, or `dscp`/`ecn` do not fit their 6/2 bits. Nothing is written on
 /// error.
+#[inline]
 pub fn emit_header(buf: &mut [u8], h: &Ipv4Header) -> Result<()> {
     if buf.len() < HEADER_LEN {
         return Err(Error::Truncated);

@@ -405,6 +405,7 @@ pub struct Ipv6Header {
 /// [`Error::Truncated`] if `buf` is shorter than 40 bytes;
 /// [`Error::Malformed`] if `flow_label` does not fit 20 bits. Nothing is
 /// written on error.
+#[inline]
 pub fn emit_header(buf: &mut [u8], h: &Ipv6Header) -> Result<()> {
     if buf.len() < HEADER_LEN {
         return Err(Error::Truncated);

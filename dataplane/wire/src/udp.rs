@@ -190,6 +190,7 @@ impl<T: AsRef<[u8]>> AsRef<[u8]> for UdpPacket<T> {
 ///
 /// [`Error::Truncated`] if `buf` is shorter than 8 bytes;
 /// [`Error::Malformed`] if `len` is below 8. Nothing is written on error.
+#[inline]
 pub fn emit_header(buf: &mut [u8], src_port: u16, dst_port: u16, len: u16) -> Result<()> {
     if buf.len() < HEADER_LEN {
         return Err(Error::Truncated);
