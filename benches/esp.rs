@@ -29,10 +29,8 @@ use espgw_crypto::{SoftwareProvider, WorkerCtx};
 use espgw_dataplane::config::{self, PortId};
 use espgw_dataplane::counters::DropReason;
 use espgw_dataplane::demo::udp4_frame;
-use espgw_dataplane::nexthop::StaticNextHops;
-use espgw_dataplane::pipeline::{Frame, Network, Pipeline, Verdict};
+use espgw_dataplane::pipeline::{Frame, Pipeline, Verdict};
 use espgw_dataplane::replay::{HEADROOM, TAILROOM};
-use espgw_dataplane::sadb::SaDb;
 use espgw_wire::{ethernet, ipv4};
 use ring::aead::{AES_128_GCM, AES_256_GCM, Aad, Algorithm, LessSafeKey, Nonce, Tag, UnboundKey};
 use std::fmt::Write as _;
@@ -215,21 +213,8 @@ mac = "02:00:00:00:0c:20"
 fn pipeline(text: &str, what: &str) -> Pipeline {
     let cfg = config::parse_str(text, Path::new(what))
         .unwrap_or_else(|e| panic!("{what}: bad benchmark config: {e}"));
-    let db = Arc::new(SaDb::new(cfg.dataplane.max_sas));
-    let installed = config::install(cfg, &db, &SoftwareProvider, T0)
+    let (db, net) = config::instantiate(cfg, &SoftwareProvider, T0)
         .unwrap_or_else(|e| panic!("{what}: install failed: {e}"));
-    let next_hops = StaticNextHops::new(
-        &installed.routes,
-        &installed.neighbors,
-        &installed.dataplane.wan,
-        &installed.dataplane.lan,
-    );
-    let net = Arc::new(Network::new(
-        installed.dataplane.wan.clone(),
-        installed.dataplane.lan.clone(),
-        installed.dataplane.encap_port,
-        Box::new(next_hops),
-    ));
     Pipeline::new(db, net, WorkerCtx::new())
 }
 

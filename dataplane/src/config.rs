@@ -9,6 +9,8 @@
 //! is zeroized after parsing.
 
 use crate::antireplay::MAX_WINDOW;
+use crate::nexthop::StaticNextHops;
+use crate::pipeline::Network;
 use crate::policy::{Action, Policy, PortRange, Prefix, Selector, Spd};
 use crate::sa::{DfMode, Direction, DscpMode, EcnMode, Lifetime, Mode, SaParams, UdpEncap};
 use crate::sadb::{SaDb, SadbError};
@@ -20,6 +22,7 @@ use std::fmt;
 use std::net::IpAddr;
 use std::ops::Range;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use toml::Spanned;
 use zeroize::{Zeroize, Zeroizing};
 
@@ -1202,6 +1205,27 @@ pub struct Installed {
     pub neighbors: Vec<(IpAddr, EthernetAddress)>,
     /// Static routes.
     pub routes: Vec<RouteConfig>,
+}
+
+/// What a pipeline runs on, made from a configuration: a fresh SA database with the SAs and
+/// policies installed (at `now_ns` on the data-plane clock), and the network (ports, ESP-in-UDP
+/// port, static next hops).
+pub fn instantiate(
+    config: Config,
+    provider: &dyn CryptoProvider,
+    now_ns: u64,
+) -> Result<(Arc<SaDb>, Arc<Network>), SadbError> {
+    let db = Arc::new(SaDb::new(config.dataplane.max_sas));
+    let inst = install(config, &db, provider, now_ns)?;
+    let next_hops = StaticNextHops::new(
+        &inst.routes,
+        &inst.neighbors,
+        &inst.dataplane.wan,
+        &inst.dataplane.lan,
+    );
+    let d = inst.dataplane;
+    let net = Network::new(d.wan, d.lan, d.encap_port, Box::new(next_hops));
+    Ok((db, Arc::new(net)))
 }
 
 /// Install the configuration's SAs and SPD into `db` (SA names resolved to handles).

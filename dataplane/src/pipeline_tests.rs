@@ -5,7 +5,6 @@
 
 use super::*;
 use crate::config;
-use crate::nexthop::StaticNextHops;
 use crate::sa::{EventKind, Limit};
 use espgw_crypto::SoftwareProvider;
 use espgw_wire::ethernet::EthernetAddress;
@@ -17,20 +16,7 @@ const KEY: &str = "0x00112233445566778899aabbccddeeff01020304";
 
 fn gateway(text: &str) -> Pipeline {
     let cfg = config::parse_str(text, Path::new("test.toml")).unwrap_or_else(|e| panic!("{e}"));
-    let db = Arc::new(SaDb::new(cfg.dataplane.max_sas));
-    let inst = config::install(cfg, &db, &SoftwareProvider, 0).unwrap();
-    let nh = StaticNextHops::new(
-        &inst.routes,
-        &inst.neighbors,
-        &inst.dataplane.wan,
-        &inst.dataplane.lan,
-    );
-    let net = Arc::new(Network::new(
-        inst.dataplane.wan.clone(),
-        inst.dataplane.lan.clone(),
-        inst.dataplane.encap_port,
-        Box::new(nh),
-    ));
+    let (db, net) = config::instantiate(cfg, &SoftwareProvider, 0).unwrap();
     Pipeline::new(db, net, WorkerCtx::from_seed([7; 32]))
 }
 

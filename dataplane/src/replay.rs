@@ -7,9 +7,8 @@
 
 use crate::config::{self, ConfigError, PortId};
 use crate::counters::DropReason;
-use crate::nexthop::StaticNextHops;
-use crate::pipeline::{Frame, Network, Pipeline, Verdict};
-use crate::sadb::{SaDb, SadbError};
+use crate::pipeline::{Frame, Pipeline, Verdict};
+use crate::sadb::SadbError;
 use espgw_crypto::{SoftwareProvider, WorkerCtx};
 use pcap_file::pcap::{PcapHeader, PcapPacket, PcapReader, PcapWriter};
 use pcap_file::pcapng::{Block, PcapNgReader};
@@ -208,25 +207,11 @@ pub fn run_with_config(
     fill(&mut reader, &mut bufs, &mut meta, &mut oversize)?;
     let t0 = meta.first().map_or(0, |(ts, _)| ts.as_nanos() as u64);
 
-    let db = Arc::new(SaDb::new(cfg.dataplane.max_sas));
-    let installed = config::install(cfg, &db, &SoftwareProvider, t0).map_err(|source| {
-        ReplayError::Install {
+    let (db, net) =
+        config::instantiate(cfg, &SoftwareProvider, t0).map_err(|source| ReplayError::Install {
             path: config_path.to_path_buf(),
             source,
-        }
-    })?;
-    let next_hops = StaticNextHops::new(
-        &installed.routes,
-        &installed.neighbors,
-        &installed.dataplane.wan,
-        &installed.dataplane.lan,
-    );
-    let net = Arc::new(Network::new(
-        installed.dataplane.wan.clone(),
-        installed.dataplane.lan.clone(),
-        installed.dataplane.encap_port,
-        Box::new(next_hops),
-    ));
+        })?;
     let mut pipe = Pipeline::new(Arc::clone(&db), net, WorkerCtx::new());
 
     let mut frames_in = 0u64;

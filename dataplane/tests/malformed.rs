@@ -16,9 +16,7 @@ use espgw_crypto::{
 use espgw_dataplane::config::{self, PortId};
 use espgw_dataplane::counters::{DropCounts, DropReason, WorkerCounters};
 use espgw_dataplane::demo::{udp4_frame, udp6_frame};
-use espgw_dataplane::nexthop::StaticNextHops;
-use espgw_dataplane::pipeline::{Frame, MAX_BURST, Network, Pipeline, Verdict};
-use espgw_dataplane::sadb::SaDb;
+use espgw_dataplane::pipeline::{Frame, MAX_BURST, Pipeline, Verdict};
 use espgw_wire::ethernet::{self, EthernetAddress};
 use espgw_wire::ip::protocol;
 use espgw_wire::{esp, ipv4, ipv6, udp};
@@ -26,7 +24,7 @@ use proptest::prelude::*;
 use std::collections::BTreeMap;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::path::Path;
-use std::sync::{Arc, OnceLock};
+use std::sync::OnceLock;
 
 use DropReason::*;
 use PortId::{Host, Lan, Wan};
@@ -400,20 +398,7 @@ impl Gw {
         let cfg = config::parse_str(text, Path::new("malformed-test.toml"))
             .unwrap_or_else(|e| panic!("{e}"));
         assert!(cfg.warnings.is_empty(), "{:?}", cfg.warnings);
-        let db = Arc::new(SaDb::new(cfg.dataplane.max_sas));
-        let inst = config::install(cfg, &db, &SoftwareProvider, NOW).unwrap();
-        let nh = StaticNextHops::new(
-            &inst.routes,
-            &inst.neighbors,
-            &inst.dataplane.wan,
-            &inst.dataplane.lan,
-        );
-        let net = Arc::new(Network::new(
-            inst.dataplane.wan.clone(),
-            inst.dataplane.lan.clone(),
-            inst.dataplane.encap_port,
-            Box::new(nh),
-        ));
+        let (db, net) = config::instantiate(cfg, &SoftwareProvider, NOW).unwrap();
         Gw {
             pipe: Pipeline::new(db, net, WorkerCtx::from_seed([7; 32])),
         }

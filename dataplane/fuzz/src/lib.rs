@@ -34,16 +34,13 @@ use espgw_crypto::{
 use espgw_dataplane::config::{self, PortId};
 use espgw_dataplane::counters::{DropCounts, DropReason, WorkerCounters};
 use espgw_dataplane::demo::{udp4_frame, udp6_frame};
-use espgw_dataplane::nexthop::StaticNextHops;
-use espgw_dataplane::pipeline::{Frame, MAX_BURST, Network, Pipeline, Verdict};
-use espgw_dataplane::sadb::SaDb;
+use espgw_dataplane::pipeline::{Frame, MAX_BURST, Pipeline, Verdict};
 use espgw_wire::ethernet::{self, EthernetAddress};
 use espgw_wire::ip::protocol;
 use espgw_wire::{esp, ipv4, ipv6, udp};
 use std::collections::BTreeMap;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::path::Path;
-use std::sync::Arc;
 
 /// The data-plane clock of every burst.
 pub const NOW: u64 = 1_000_000_000;
@@ -433,20 +430,7 @@ impl Harness {
         };
         let cfg =
             config::parse_str(&text, Path::new("fuzz.toml")).unwrap_or_else(|e| panic!("{e}"));
-        let db = Arc::new(SaDb::new(cfg.dataplane.max_sas));
-        let inst = config::install(cfg, &db, &SoftwareProvider, NOW).unwrap();
-        let nh = StaticNextHops::new(
-            &inst.routes,
-            &inst.neighbors,
-            &inst.dataplane.wan,
-            &inst.dataplane.lan,
-        );
-        let net = Arc::new(Network::new(
-        inst.dataplane.wan.clone(),
-        inst.dataplane.lan.clone(),
-        inst.dataplane.encap_port,
-        Box::new(nh),
-    ));
+        let (db, net) = config::instantiate(cfg, &SoftwareProvider, NOW).unwrap();
         let sealers = match dir {
             Direction::Inbound => SAS
                 .iter()
