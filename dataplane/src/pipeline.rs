@@ -740,16 +740,13 @@ impl Pipeline {
                 && let Some(sa) = m.sa
             {
                 self.ident = self.ident.wrapping_add(1);
-                match sa.mode {
-                    Mode::Tunnel => build_tunnel(
-                        f,
-                        m,
-                        sa,
-                        &tpls[usize::from(m.tpl)],
-                        self.ident,
-                        port == PortId::Lan,
-                    ),
-                    Mode::Transport => build_transport(f, m, sa, &net.wan),
+                match (sa.mode, tpls.get(usize::from(m.tpl))) {
+                    (Mode::Tunnel, Some(t)) => {
+                        build_tunnel(f, m, sa, t, self.ident, port == PortId::Lan)
+                    }
+                    (Mode::Transport, _) => build_transport(f, m, sa, &net.wan),
+                    // Every tunnel-mode frame got a template at classify (one per frame at most).
+                    (Mode::Tunnel, None) => m.finish(Verdict::Drop(DropReason::Unsupported)),
                 }
             }
         }
