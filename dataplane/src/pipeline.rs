@@ -800,14 +800,14 @@ impl Pipeline {
             }
         }
 
-        // 4. crypto.
+        // 2. crypto, one call per run of one SA.
         self.crypto(frames, &mut metas, Todo::Open);
 
-        // 5. authenticated: now, and only now, the windows move, one call per run of one SA.
+        // 3. authenticated: now, and only now, the windows move, one call per run of one SA.
         let mut marks = [Ok(()); MAX_BURST];
         mark_runs(&metas, &mut marks);
 
-        // 6. trailer, decapsulation.
+        // 4. trailer, decapsulation.
         let mut hops = HopCache::default();
         for ((f, m), mark) in frames.iter_mut().zip(metas.iter_mut()).zip(marks) {
             if m.todo != Todo::Open {
