@@ -463,41 +463,11 @@ mod tests {
         assert!(w.top() > 1 << 32);
     }
 
-    #[test]
-    fn concurrent_duplicates_are_accepted_once() {
-        // Four workers race on the same numbers; each number must be accepted exactly once.
-        let w = Arc::new(ReplayWindow::new(4096));
-        let n = 20_000u64;
-        let accepted: Vec<_> = (0..4)
-            .map(|t| {
-                let w = Arc::clone(&w);
-                std::thread::spawn(move || {
-                    let mut ok = Vec::new();
-                    for i in 1..=n {
-                        // Different workers walk in slightly different orders.
-                        let s = if t % 2 == 0 { i } else { (i ^ 1).max(1) };
-                        if w.check(s).is_ok() && w.mark(s).is_ok() {
-                            ok.push(s);
-                        }
-                    }
-                    ok
-                })
-            })
-            .map(|h| h.join().unwrap())
-            .collect();
-        let mut all: Vec<u64> = accepted.into_iter().flatten().collect();
-        let total = all.len();
-        all.sort_unstable();
-        all.dedup();
-        assert_eq!(all.len(), total, "a sequence number was accepted twice");
-        // Every worker walks its numbers nearly in order, so every distinct number sent
-        // (1..=n from the even workers, 1..=n+1 from the odd ones) is accepted by someone.
-        assert_eq!(total as u64, n + 1);
-    }
-
-    #[test]
-    fn concurrent_runs_accept_each_number_once() {
-        // As above, but through `mark_run` in bursts of 32, the way workers hand over runs.
+    /// Four workers race on the numbers 1..=20,000 (the odd ones walk in pairs swapped), each
+    /// accepting through `accept`, which returns the numbers it accepted. Every number must be
+    /// accepted exactly once: no duplicates, and since every worker walks nearly in order, every
+    /// distinct number sent (1..=n from the even workers, 1..=n+1 from the odd ones) by someone.
+    fn race(accept: fn(&ReplayWindow, &[u64]) -> Vec<u64>) {
         let w = Arc::new(ReplayWindow::new(4096));
         let n = 20_000u64;
         let accepted: Vec<_> = (0..4)
@@ -507,18 +477,7 @@ mod tests {
                     let seqs: Vec<u64> = (1..=n)
                         .map(|i| if t % 2 == 0 { i } else { (i ^ 1).max(1) })
                         .collect();
-                    let mut ok = Vec::new();
-                    let mut res = vec![Ok(()); 32];
-                    for c in seqs.chunks(32) {
-                        w.mark_run(c, &mut res[..c.len()]);
-                        ok.extend(
-                            c.iter()
-                                .zip(&res)
-                                .filter(|(_, r)| r.is_ok())
-                                .map(|(s, _)| *s),
-                        );
-                    }
-                    ok
+                    accept(&w, &seqs)
                 })
             })
             .map(|h| h.join().unwrap())
@@ -529,6 +488,35 @@ mod tests {
         all.dedup();
         assert_eq!(all.len(), total, "a sequence number was accepted twice");
         assert_eq!(total as u64, n + 1);
+    }
+
+    #[test]
+    fn concurrent_duplicates_are_accepted_once() {
+        race(|w, seqs| {
+            seqs.iter()
+                .copied()
+                .filter(|s| w.check(*s).is_ok() && w.mark(*s).is_ok())
+                .collect()
+        });
+    }
+
+    #[test]
+    fn concurrent_runs_accept_each_number_once() {
+        // Through `mark_run` in bursts of 32, the way workers hand over runs.
+        race(|w, seqs| {
+            let mut ok = Vec::new();
+            let mut res = vec![Ok(()); 32];
+            for c in seqs.chunks(32) {
+                w.mark_run(c, &mut res[..c.len()]);
+                ok.extend(
+                    c.iter()
+                        .zip(&res)
+                        .filter(|(_, r)| r.is_ok())
+                        .map(|(s, _)| *s),
+                );
+            }
+            ok
+        });
     }
 
     fn arrival_orders() -> impl Strategy<Value = (u32, Vec<u64>)> {
