@@ -17,7 +17,11 @@ fi
 
 # --- Debian packages -----------------------------------------------------------------------
 # python3-venv: the scapy cross-check runs in a project-local virtualenv (.venv);
-APT_PACKAGES=(ca-certificates curl build-essential pkg-config)
+# clang, libbpf-dev: the XDP steering program (ebpf/, C built with clang -target bpf);
+# m4, libelf-dev, zlib1g-dev: xsk-rs builds libxdp/libbpf from C for the AF_XDP sockets;
+# iproute2, ethtool, iputils-ping, tcpdump: the network-namespace tests and the demo.
+APT_PACKAGES=(ca-certificates curl build-essential pkg-config clang llvm libbpf-dev m4 libelf-dev
+    zlib1g-dev iproute2 ethtool iputils-ping tcpdump)
 # A Python with venv support that is not Debian's (pyenv, as on the CI images) is fine too.
 if ! python3 -c 'import venv, ensurepip' 2>/dev/null; then
     APT_PACKAGES+=(python3 python3-venv python3-pip)

@@ -1,0 +1,1 @@
+//! Kernel routes and neighbours over netlink (work in progress).

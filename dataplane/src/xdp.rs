@@ -1,0 +1,1 @@
+//! XDP steering program loader (work in progress).
