@@ -78,6 +78,13 @@ pub struct PortConfig {
     pub mtu: u16,
     /// 802.1Q VLAN for frames we send (frames received may be tagged or not).
     pub vlan: Option<u16>,
+    /// The Linux interface (live gateway only; replay needs none).
+    pub interface: Option<String>,
+    /// Whether `mac` and `mtu` were configured (the live gateway otherwise takes the
+    /// interface's).
+    pub mac_set: bool,
+    /// See `mac_set`.
+    pub mtu_set: bool,
 }
 
 impl PortConfig {
@@ -139,6 +146,50 @@ pub struct DataplaneConfig {
     pub wan: PortConfig,
     /// LAN port.
     pub lan: PortConfig,
+    /// Clamp the MSS option of TCP SYNs crossing the gateway to this value (Cisco's
+    /// `ip tcp adjust-mss`), or leave them alone.
+    pub tcp_mss: Option<u16>,
+    /// The live gateway's workers, queues and sockets.
+    pub run: RunConfig,
+}
+
+/// How the live gateway (`espgw-dataplane run`) runs: cores, queues, AF_XDP sizing, stats.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RunConfig {
+    /// One worker per core; worker `i` serves RX/TX queue `i` of both ports.
+    pub cores: Vec<usize>,
+    /// Frames per receive burst.
+    pub batch_size: u32,
+    /// UMEM frames (2 KiB each) per worker, shared by its WAN and LAN sockets.
+    pub umem_frames: u32,
+    /// Entries in each AF_XDP ring (fill, completion, RX, TX); a power of two.
+    pub ring_size: u32,
+    /// XDP attach mode.
+    pub xdp_mode: XdpMode,
+    /// Unix socket serving the counters as JSON.
+    pub stats_socket: std::path::PathBuf,
+}
+
+/// How the XDP program is attached.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum XdpMode {
+    /// In the driver (`xdpdrv`); veth and real NICs support it.
+    Native,
+    /// In the generic stack (`xdpgeneric`), for drivers without XDP.
+    Generic,
+}
+
+impl Default for RunConfig {
+    fn default() -> Self {
+        RunConfig {
+            cores: vec![0],
+            batch_size: 64,
+            umem_frames: 1024,
+            ring_size: 512,
+            xdp_mode: XdpMode::Native,
+            stats_socket: "/run/espgw/dataplane.sock".into(),
+        }
+    }
 }
 
 /// A policy as configured (SA by name, resolved at install).
@@ -206,11 +257,19 @@ struct RawDataplane {
     encap_port: Option<Spanned<u64>>,
     wan: Option<RawPort>,
     lan: Option<RawPort>,
+    tcp_mss: Option<Spanned<u64>>,
+    cores: Option<Spanned<Vec<u64>>>,
+    batch_size: Option<Spanned<u64>>,
+    umem_frames: Option<Spanned<u64>>,
+    ring_size: Option<Spanned<u64>>,
+    xdp_mode: Option<Spanned<String>>,
+    stats_socket: Option<Spanned<String>>,
 }
 
 #[derive(Deserialize, Default)]
 #[serde(deny_unknown_fields)]
 struct RawPort {
+    interface: Option<Spanned<String>>,
     mac: Option<Spanned<String>>,
     #[serde(default)]
     addresses: Vec<Spanned<String>>,
@@ -535,9 +594,26 @@ fn port(ctx: &mut Ctx<'_>, raw: Option<&RawPort>, default_mac: [u8; 6]) -> PortC
         addresses: Vec::new(),
         mtu: 1500,
         vlan: None,
+        interface: None,
+        mac_set: false,
+        mtu_set: false,
     };
     let Some(raw) = raw else { return pc };
+    if let Some(i) = &raw.interface {
+        let name = i.get_ref();
+        if name.is_empty() || name.len() > 15 || name.contains(['/', ' ', '\0']) {
+            ctx.error(
+                &i.span(),
+                format!(
+                    "{name:?} is not a Linux interface name (1-15 characters, no '/' or spaces)"
+                ),
+            );
+        } else {
+            pc.interface = Some(name.clone());
+        }
+    }
     if let Some(m) = &raw.mac {
+        pc.mac_set = true;
         match m.get_ref().parse::<EthernetAddress>() {
             Ok(mac) => pc.mac = mac,
             Err(_) => ctx.error(
@@ -561,6 +637,7 @@ fn port(ctx: &mut Ctx<'_>, raw: Option<&RawPort>, default_mac: [u8; 6]) -> PortC
         }
     }
     if let Some(m) = &raw.mtu {
+        pc.mtu_set = true;
         match u16::try_from(*m.get_ref()) {
             Ok(v) if (576..=9216).contains(&v) => pc.mtu = v,
             _ => ctx.error(
@@ -576,6 +653,79 @@ fn port(ctx: &mut Ctx<'_>, raw: Option<&RawPort>, default_mac: [u8; 6]) -> PortC
         }
     }
     pc
+}
+
+fn run_config(ctx: &mut Ctx<'_>, d: &RawDataplane) -> RunConfig {
+    let mut rc = RunConfig::default();
+    if let Some(c) = &d.cores {
+        let cores = c.get_ref();
+        let n = std::thread::available_parallelism().map_or(1, |n| n.get());
+        if cores.is_empty() {
+            ctx.error(&c.span(), "cores is empty: list at least one CPU, like [0]");
+        } else if let Some(bad) = cores.iter().find(|&&x| x >= n as u64) {
+            ctx.error(
+                &c.span(),
+                format!(
+                    "core {bad} does not exist (this machine has cores 0-{})",
+                    n - 1
+                ),
+            );
+        } else if cores.iter().collect::<std::collections::HashSet<_>>().len() != cores.len() {
+            ctx.error(&c.span(), "cores lists a core twice");
+        } else {
+            rc.cores = cores.iter().map(|&x| x as usize).collect();
+        }
+    }
+    if let Some(v) = &d.batch_size {
+        rc.batch_size = small::<u32>(ctx, v, "batch_size", 1..=256).unwrap_or(rc.batch_size);
+    }
+    let pow2 = |ctx: &mut Ctx<'_>, v: &Spanned<u64>, what: &str, range| {
+        let n = small::<u32>(ctx, v, what, range)?;
+        if !n.is_power_of_two() {
+            ctx.error(&v.span(), format!("{what} {n} must be a power of two"));
+            return None;
+        }
+        Some(n)
+    };
+    if let Some(v) = &d.umem_frames {
+        rc.umem_frames = pow2(ctx, v, "umem_frames", 64..=262_144).unwrap_or(rc.umem_frames);
+    }
+    if let Some(v) = &d.ring_size {
+        rc.ring_size = pow2(ctx, v, "ring_size", 32..=16_384).unwrap_or(rc.ring_size);
+    }
+    if rc.ring_size.saturating_mul(2) > rc.umem_frames {
+        let span = d
+            .ring_size
+            .as_ref()
+            .or(d.umem_frames.as_ref())
+            .map(|v| v.span())
+            .unwrap_or(0..0);
+        ctx.error(
+            &span,
+            format!(
+                "umem_frames ({}) must be at least twice ring_size ({}): the fill rings of both ports draw from one UMEM",
+                rc.umem_frames, rc.ring_size
+            ),
+        );
+    }
+    if let Some(m) = &d.xdp_mode {
+        match m.get_ref().as_str() {
+            "native" => rc.xdp_mode = XdpMode::Native,
+            "generic" => rc.xdp_mode = XdpMode::Generic,
+            other => ctx.error(
+                &m.span(),
+                format!("xdp_mode {other:?} must be native or generic"),
+            ),
+        }
+    }
+    if let Some(p) = &d.stats_socket {
+        if p.get_ref().is_empty() {
+            ctx.error(&p.span(), "stats_socket is empty");
+        } else {
+            rc.stats_socket = p.get_ref().into();
+        }
+    }
+    rc
 }
 
 fn small<T: TryFrom<u64>>(
@@ -652,6 +802,11 @@ pub fn parse_str(text: &str, file: &Path) -> Result<Config, ConfigError> {
     };
     let wan = port(&mut ctx, d.wan.as_ref(), [0x02, 0, 0, 0, 0, 0x01]);
     let lan = port(&mut ctx, d.lan.as_ref(), [0x02, 0, 0, 0, 0, 0x02]);
+    let tcp_mss = d
+        .tcp_mss
+        .as_ref()
+        .and_then(|v| small::<u16>(&mut ctx, v, "tcp_mss", 536..=9176));
+    let run = run_config(&mut ctx, d);
     let dataplane = DataplaneConfig {
         replay_window,
         max_sas,
@@ -660,6 +815,8 @@ pub fn parse_str(text: &str, file: &Path) -> Result<Config, ConfigError> {
         encap_port,
         wan,
         lan,
+        tcp_mss,
+        run,
     };
 
     // [[sa]]
@@ -1224,7 +1381,8 @@ pub fn instantiate(
         &inst.dataplane.lan,
     );
     let d = inst.dataplane;
-    let net = Network::new(d.wan, d.lan, d.encap_port, Box::new(next_hops));
+    let mut net = Network::new(d.wan, d.lan, d.encap_port, Box::new(next_hops));
+    net.tcp_mss = d.tcp_mss;
     Ok((db, Arc::new(net)))
 }
 

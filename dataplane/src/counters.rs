@@ -91,6 +91,10 @@ drop_reasons! {
     NoBufferSpace = "no_buffer_space", true, "no room in the packet buffer for the IPsec headers and trailer";
     /// RFC 6040: CE on the outer header of a not-ECN-capable inner packet.
     EcnDrop = "ecn_drop", true, "outer header marked congestion (CE) but the inner packet is not ECN-capable (RFC 6040)";
+    /// The AF_XDP TX ring of the outgoing port was full.
+    TxRingFull = "tx_ring_full", true, "the outgoing port's transmit ring was full (the port or the peer is slower than the traffic)";
+    /// A frame for the gateway's own stack reached the data plane, which has no way to it yet.
+    NoHostPath = "no_host_path", true, "packet for the gateway itself arrived through the data plane (e.g. decrypted traffic to the gateway's own address); not delivered";
     /// The frame carries something we cannot process here.
     Unsupported = "unsupported", true, "packet type not supported on this path";
     /// A dummy packet (next header 59), discarded as RFC 4303 §2.6 says.
@@ -201,6 +205,8 @@ pub struct WorkerCounters {
     pub bursts: u64,
     /// Frames processed in those bursts (so the mean burst fill is `frames / bursts`).
     pub burst_frames: u64,
+    /// ICMP errors sent (fragmentation needed / packet too big).
+    pub icmp_sent: u64,
     /// Drops per reason.
     pub drops: DropCounts,
 }
@@ -221,6 +227,7 @@ impl WorkerCounters {
         }
         self.bursts += o.bursts;
         self.burst_frames += o.burst_frames;
+        self.icmp_sent += o.icmp_sent;
         for r in DropReason::ALL {
             self.drops.add(*r, o.drops.get(*r));
         }
@@ -234,6 +241,7 @@ impl WorkerCounters {
             "to_host": self.to_host,
             "from_host": self.from_host,
             "bursts": self.bursts,
+            "icmp_sent": self.icmp_sent,
             "mean_burst_fill": if self.bursts == 0 { 0.0 } else { self.burst_frames as f64 / self.bursts as f64 },
             "drops": self.drops.to_json(),
         })

@@ -1,11 +1,11 @@
 //! `espgw-dataplane`: the ESP data plane.
 //!
-//! Exit status: 0 on success (dropped packets are counted, not errors), 1 for configuration or
-//! file problems, 2 for usage errors.
+//! Exit status: 0 on success (dropped packets are counted, not errors), 1 for configuration,
+//! file or start-up problems, 2 for usage errors.
 
 use clap::{Parser, Subcommand};
 use espgw_dataplane::config::{self, PortId};
-use espgw_dataplane::{demo, replay};
+use espgw_dataplane::{demo, gateway, replay};
 use std::path::PathBuf;
 use std::process::ExitCode;
 
@@ -39,6 +39,14 @@ enum Cmd {
         /// Frames per burst.
         #[arg(long, default_value_t = 32)]
         burst: usize,
+    },
+    /// Run the gateway: XDP steering and AF_XDP workers on the configured ports, static SAs and
+    /// policies from the file, counters on the stats socket; SIGINT/SIGTERM stop it and print
+    /// the final counters.
+    Run {
+        /// Configuration file (TOML).
+        #[arg(long)]
+        config: PathBuf,
     },
     /// Check a configuration file and print its warnings.
     CheckConfig {
@@ -76,6 +84,19 @@ fn main() -> ExitCode {
                 println!(
                     "{}",
                     serde_json::to_string_pretty(&r.json).unwrap_or_default()
+                );
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("espgw-dataplane: {e}");
+                ExitCode::from(1)
+            }
+        },
+        Cmd::Run { config } => match gateway::run(&config, None) {
+            Ok(stats) => {
+                println!(
+                    "{}",
+                    serde_json::to_string_pretty(&stats).unwrap_or_default()
                 );
                 ExitCode::SUCCESS
             }

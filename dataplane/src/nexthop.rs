@@ -133,6 +133,9 @@ mod tests {
             addresses: vec![(ip(addr), Prefix::new(ip(addr), len))],
             mtu: 1500,
             vlan: None,
+            interface: None,
+            mac_set: true,
+            mtu_set: true,
         }
     }
 

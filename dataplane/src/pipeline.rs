@@ -26,6 +26,7 @@
 use crate::antireplay::ReplayError;
 use crate::config::{PortConfig, PortId};
 use crate::counters::{DropReason, WorkerCounters};
+use crate::icmp;
 use crate::nexthop::NextHops;
 use crate::policy::{Action, FlowAddr, FlowKey, Spd};
 use crate::sa::{DfMode, DscpMode, EcnMode, EventSink, Mode, RunCounts, Sa, SaId};
@@ -101,6 +102,8 @@ pub struct Network {
     pub encap_port: u16,
     /// Next hops.
     pub next_hops: Box<dyn NextHops>,
+    /// Clamp TCP SYNs' MSS option to this (both directions), or leave them alone.
+    pub tcp_mss: Option<u16>,
     /// Every address of the gateway, and the WAN port's, in the form compared per packet.
     ours: Vec<FlowAddr>,
     wan_ours: Vec<FlowAddr>,
@@ -128,6 +131,7 @@ impl Network {
             lan,
             encap_port,
             next_hops,
+            tcp_mss: None,
             ours,
             wan_ours,
         }
@@ -431,6 +435,9 @@ struct Meta<'g> {
     verdict: Verdict,
     todo: Todo,
     status: OpStatus,
+    /// Outbound: the largest inner packet that fits the tunnel, when this one did not and may
+    /// not be fragmented (an ICMP error goes back with it).
+    pmtu: u16,
 }
 
 impl Meta<'_> {
@@ -456,6 +463,7 @@ impl Meta<'_> {
         verdict: Verdict::Drop(DropReason::Unsupported),
         todo: Todo::Done,
         status: OpStatus::Pending,
+        pmtu: 0,
     };
 
     #[inline]
@@ -692,6 +700,17 @@ impl Pipeline {
                 port, f, m, spd, &db, &net, &guard, &mut sas, &mut hops, &mut memo, &mut tpls,
             ) {
                 m.finish(v);
+            }
+        }
+
+        // 1b. DF packets too big for the tunnel: answer with ICMP instead of dropping silently.
+        for (f, m) in frames.iter_mut().zip(metas.iter_mut()) {
+            if m.pmtu != 0
+                && m.verdict == Verdict::Drop(DropReason::MtuExceeded)
+                && let Some(v) = too_big_reply(f, m, &net)
+            {
+                m.finish(v);
+                self.counters.icmp_sent += 1;
             }
         }
 
@@ -966,9 +985,14 @@ fn classify_out<'g>(
     };
     let id = match decision {
         Decision::Verdict(v) => return Err(v),
-        Decision::Bypass => return Err(bypass(port, f, *l3, l3.addrs(ip).1.ip(), net)),
+        Decision::Bypass => {
+            let dst = l3.addrs(ip).1.ip();
+            clamp_mss_out(f, l3, net);
+            return Err(bypass(port, f, *l3, dst, net));
+        }
         Decision::Protect(id) => id,
     };
+    clamp_mss_out(f, l3, net);
     let Some((sa, mac, tpl)) = sas.get(id, db, guard, net, hops, tpls) else {
         return Err(Verdict::Drop(DropReason::NoSa));
     };
@@ -1007,6 +1031,15 @@ fn classify_out<'g>(
     let esp_len = esp::HEADER_LEN + sa.iv_len + payload + pad + esp::TRAILER_FIXED_LEN + sa.icv_len;
     let outer_len = front + udp + esp_len;
     if outer_len > usize::from(net.wan.mtu) {
+        if port == PortId::Lan && sa.mode == Mode::Tunnel && (l3.v6() || l3.df()) {
+            // The largest inner packet whose ESP packet fits: what the sender must use.
+            let fixed = front + udp + esp::HEADER_LEN + sa.iv_len + sa.icv_len;
+            let room = usize::from(net.wan.mtu).saturating_sub(fixed);
+            let align = sa.pad_align.max(1);
+            let fit = (room / align * align).saturating_sub(esp::TRAILER_FIXED_LEN);
+            let floor = if l3.v6() { 1280 } else { 68 };
+            m.pmtu = fit.clamp(floor, usize::from(u16::MAX)) as u16;
+        }
         return Err(drop(DropReason::MtuExceeded));
     }
     let eth_out = if net.wan.vlan.is_some() {
@@ -1067,6 +1100,37 @@ fn decide(port: PortId, key: &FlowKey, spd: &Spd, net: &Network) -> Decision {
         (Action::Bypass, _) => Decision::Bypass,
         (Action::Protect(id), _) => Decision::Protect(id),
     }
+}
+
+/// `ip tcp adjust-mss` for a frame about to be forwarded.
+#[inline]
+fn clamp_mss_out(f: &mut Frame<'_>, l3: &L3, net: &Network) {
+    if let Some(mss) = net.tcp_mss
+        && l3.proto == protocol::TCP
+    {
+        let ip_at = f.start + l3.eth_len();
+        if let Some(pkt) = f.buf.get_mut(ip_at..ip_at + l3.ip_len()) {
+            icmp::clamp_mss(pkt, usize::from(l3.upper), mss);
+        }
+    }
+}
+
+/// Turn a LAN frame that does not fit the tunnel into the ICMP error for its sender, sent back
+/// out of the LAN port to the MAC it came from.
+fn too_big_reply(f: &mut Frame<'_>, m: &Meta<'_>, net: &Network) -> Option<Verdict> {
+    let l3 = m.l3;
+    let src_mac = ethernet::EthernetAddress(f.buf.get(f.start + 6..f.start + 12)?.try_into().ok()?);
+    let ours = net
+        .lan
+        .addresses
+        .iter()
+        .map(|(a, _)| *a)
+        .find(|a| a.is_ipv6() == l3.v6())?;
+    let ip_at = f.start + l3.eth_len();
+    let (at, len) = icmp::too_big(f.buf, ip_at, l3.ip_len(), l3.v6(), ours, u32::from(m.pmtu))?;
+    f.start = at;
+    rewrite_ethernet(f, 0, len, l3.v6(), src_mac, &net.lan).ok()?;
+    Some(Verdict::TxLan)
 }
 
 /// Forward in the clear (a bypass policy): routed by destination, TTL decremented when
@@ -1244,6 +1308,11 @@ fn decap_tunnel(
     let key = inner.flow(pkt);
     if !sa.selectors.is_empty() && !sa.selectors.iter().any(|s| s.matches(&key)) {
         return Err(DropReason::SelectorMismatch);
+    }
+    if let Some(mss) = net.tcp_mss
+        && inner.proto == protocol::TCP
+    {
+        icmp::clamp_mss(pkt, usize::from(inner.upper), mss);
     }
     if sa.ecn == EcnMode::Normal {
         let new = ecn::decap(outer.ecn(), inner.ecn()).ok_or(DropReason::EcnDrop)?;

@@ -615,3 +615,114 @@ mac = "02:00:00:00:0b:01"
     let (s, d): (Ipv6Addr, Ipv6Addr) = (ip.src_addr(), ip.dst_addr());
     assert!(u.verify_checksum_v6(&s, &d));
 }
+
+#[test]
+fn df_packet_too_big_for_the_tunnel_gets_frag_needed_with_the_mtu_that_fits() {
+    let mut a = sender("", "mtu = 1400", "");
+    // GCM-16 tunnel over IPv4 without NAT-T: 20 + 8 + 8 + pad(inner + 2, 16) + 16 <= 1400
+    // => inner + 2 <= 1344 => the largest inner packet is 1342 bytes.
+    let fits = lan4(1342 - 28, 64);
+    assert_eq!(run(&mut a, PortId::Lan, &fits).0, Verdict::TxWan);
+    let big = lan4(1343 - 28, 64);
+    let (v, out) = run(&mut a, PortId::Lan, &big);
+    assert_eq!(v, Verdict::TxLan, "answered, back towards the sender");
+    let eth = ethernet::EthernetFrame::new_checked(&out[..]).unwrap();
+    assert_eq!(eth.dst_addr(), EthernetAddress([2, 0, 0, 0, 0x0c, 0x10]));
+    assert_eq!(eth.src_addr(), EthernetAddress([2, 0, 0, 0, 0x0a, 2]));
+    let ip = outer4(&out);
+    assert!(ip.verify_checksum());
+    assert_eq!(
+        (ip.src_addr(), ip.dst_addr(), ip.next_header()),
+        (Ipv4Addr::new(10, 1, 0, 1), Ipv4Addr::new(10, 1, 0, 10), 1)
+    );
+    let icmp = ip.payload();
+    assert_eq!(
+        (icmp[0], icmp[1]),
+        (3, 4),
+        "fragmentation needed and DF set"
+    );
+    assert_eq!(u16::from_be_bytes([icmp[6], icmp[7]]), 1342);
+    assert_eq!(checksum::sum(icmp), 0xffff);
+    assert_eq!(&icmp[8..28], &big[14..34], "quotes the original IP header");
+    assert_eq!(a.counters().icmp_sent, 1);
+    assert_eq!(a.db().sa_drops(DropReason::MtuExceeded), 1);
+
+    // Without DF the packet is dropped and counted, not answered.
+    let mut no_df = big.clone();
+    {
+        let mut p = ipv4::Ipv4Packet::new_unchecked(&mut no_df[ethernet::HEADER_LEN..]);
+        p.set_dont_frag(false);
+        p.fill_checksum();
+    }
+    let (v, _) = run(&mut a, PortId::Lan, &no_df);
+    assert_eq!(v, Verdict::Drop(DropReason::MtuExceeded));
+    assert_eq!(a.counters().icmp_sent, 1);
+}
+
+/// A TCP SYN 10.1.0.10:40000 → 10.2.0.20:443 with MSS 1460 (and 8 bytes of data).
+fn tcp_syn4() -> Vec<u8> {
+    let mut f = lan4(24, 64);
+    let e = ethernet::HEADER_LEN;
+    f[e + 9] = protocol::TCP;
+    let t = e + 20;
+    f[t..t + 44 - 20].fill(0);
+    f[t..t + 2].copy_from_slice(&40000u16.to_be_bytes());
+    f[t + 2..t + 4].copy_from_slice(&443u16.to_be_bytes());
+    f[t + 12] = 6 << 4; // 24-byte header
+    f[t + 13] = 0x02; // SYN
+    f[t + 20..t + 24].copy_from_slice(&[2, 4, 0x05, 0xb4]);
+    let src = Ipv4Addr::new(10, 1, 0, 10);
+    let dst = Ipv4Addr::new(10, 2, 0, 20);
+    {
+        let mut p = ipv4::Ipv4Packet::new_unchecked(&mut f[e..]);
+        p.fill_checksum();
+    }
+    let sum = checksum::combine(&[
+        checksum::pseudo_header_v4(&src, &dst, protocol::TCP, (f.len() - t) as u32),
+        checksum::sum(&f[t..]),
+    ]);
+    f[t + 16..t + 18].copy_from_slice(&(!sum).to_be_bytes());
+    f
+}
+
+fn tcp_mss_and_checksum_ok(frame: &[u8]) -> (u16, bool) {
+    let ip = outer4(frame);
+    let t = ip.payload();
+    let ok = checksum::combine(&[
+        checksum::pseudo_header_v4(
+            &ip.src_addr(),
+            &ip.dst_addr(),
+            protocol::TCP,
+            t.len() as u32,
+        ),
+        checksum::sum(t),
+    ]) == 0xffff;
+    (u16::from_be_bytes([t[22], t[23]]), ok)
+}
+
+#[test]
+fn tcp_mss_is_clamped_both_ways_when_configured() {
+    // Outbound: clamped before encryption, so the receiver (not clamping) sees the new value.
+    let mut a = sender("", "", "[dataplane]\ntcp_mss = 1360");
+    let mut b = receiver("", "");
+    let (v, esp) = run(&mut a, PortId::Lan, &tcp_syn4());
+    assert_eq!(v, Verdict::TxWan);
+    let (v, got) = run(&mut b, PortId::Wan, &esp);
+    assert_eq!(v, Verdict::TxLan);
+    assert_eq!(tcp_mss_and_checksum_ok(&got), (1360, true));
+
+    // Inbound: the receiver clamps after decryption.
+    let mut a = sender("", "", "");
+    let mut b = receiver("", "[dataplane]\ntcp_mss = 1300");
+    let (_, esp) = run(&mut a, PortId::Lan, &tcp_syn4());
+    let (v, got) = run(&mut b, PortId::Wan, &esp);
+    assert_eq!(v, Verdict::TxLan);
+    assert_eq!(tcp_mss_and_checksum_ok(&got), (1300, true));
+
+    // Not configured: untouched.
+    let mut a = sender("", "", "");
+    let mut b = receiver("", "");
+    let (_, esp) = run(&mut a, PortId::Lan, &tcp_syn4());
+    let (_, got) = run(&mut b, PortId::Wan, &esp);
+    assert_eq!(tcp_mss_and_checksum_ok(&got), (1460, true));
+}

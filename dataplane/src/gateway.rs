@@ -1,0 +1,735 @@
+//! `espgw-dataplane run`: the live gateway.
+//!
+//! The main thread reads the configuration, completes the ports from the kernel (MAC, MTU and
+//! addresses where the file leaves them out), installs the SAs and policies, starts the netlink
+//! next-hop follower, attaches the XDP steering program to both ports and starts one worker per
+//! configured core. Worker `i` is pinned to its core and owns queue `i` of both ports: an
+//! AF_XDP socket on each, over one UMEM ([`crate::xsk`]). The main thread then only keeps
+//! time: it ages the SAs, logs lifetime events and serves the counters on a unix socket, until
+//! SIGINT or SIGTERM. On the way out the workers stop, the XDP programs are detached and the
+//! final counters are printed.
+
+use crate::config::{self, Config, PortConfig, PortId, XdpMode};
+use crate::counters::{DropReason, WorkerCounters};
+use crate::netlink::{self, KernelNextHops, PortLink};
+use crate::nexthop::NextHops;
+use crate::pipeline::{Frame, Network, Pipeline, Verdict};
+use crate::policy::Prefix;
+use crate::sadb::SaDb;
+use crate::xdp::{AttachMode, PortRole, XdpPort};
+use crate::xsk::{self, XskWorker};
+use arrayvec::ArrayVec;
+use espgw_crypto::{SoftwareProvider, WorkerCtx};
+use espgw_wire::ethernet::EthernetAddress;
+use std::io::Write;
+use std::net::IpAddr;
+use std::os::unix::fs::PermissionsExt;
+use std::os::unix::net::UnixListener;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, OnceLock, mpsc};
+use std::time::{Duration, Instant};
+use xdpilone::xdp::XdpDesc;
+
+/// Largest receive burst (the configuration's `batch_size` is at most this).
+pub const MAX_BATCH: usize = 256;
+
+/// What a worker reports once its sockets are open: `(port, queue, fd)` for each, or why not.
+type Ready = (usize, Result<Vec<(PortId, u32, i32)>, String>);
+
+/// Why the gateway could not start (or stopped on an error).
+#[derive(Debug, thiserror::Error)]
+pub enum RunError {
+    /// The configuration file.
+    #[error("{0}")]
+    Config(Box<config::ConfigError>),
+    /// Something the configuration needs is missing for a live run.
+    #[error("{file}: {msg}")]
+    Setup {
+        /// The configuration file.
+        file: PathBuf,
+        /// What is wrong.
+        msg: String,
+    },
+    /// Installing SAs and policies.
+    #[error("{file}: installing SAs: {source}")]
+    Install {
+        /// The configuration file.
+        file: PathBuf,
+        /// What failed.
+        source: crate::sadb::SadbError,
+    },
+    /// Netlink.
+    #[error("{0}")]
+    Netlink(Box<netlink::NetlinkError>),
+    /// The XDP program.
+    #[error("{0}")]
+    Xdp(Box<crate::xdp::XdpError>),
+    /// AF_XDP sockets.
+    #[error("{0}")]
+    Xsk(Box<xsk::XskError>),
+    /// A worker failed.
+    #[error("worker {worker} (core {core}): {msg}")]
+    Worker {
+        /// Worker index.
+        worker: usize,
+        /// Its core.
+        core: usize,
+        /// What happened.
+        msg: String,
+    },
+    /// The stats socket.
+    #[error("stats socket {path}: {err}")]
+    Stats {
+        /// Its path.
+        path: PathBuf,
+        /// The error.
+        err: std::io::Error,
+    },
+    /// Signal handlers.
+    #[error("installing signal handlers: {0}")]
+    Signals(std::io::Error),
+}
+
+macro_rules! boxed_from {
+    ($($t:ty => $v:ident),*) => {$(
+        impl From<$t> for RunError {
+            fn from(e: $t) -> Self {
+                RunError::$v(Box::new(e))
+            }
+        }
+    )*};
+}
+boxed_from!(config::ConfigError => Config, netlink::NetlinkError => Netlink, crate::xdp::XdpError => Xdp, xsk::XskError => Xsk);
+
+/// The data-plane clock: monotonic nanoseconds since the process started using it.
+pub fn now_ns() -> u64 {
+    static EPOCH: OnceLock<Instant> = OnceLock::new();
+    EPOCH.get_or_init(Instant::now).elapsed().as_nanos() as u64
+}
+
+/// Next hops shared with the netlink thread.
+#[derive(Debug)]
+struct SharedHops(Arc<KernelNextHops>);
+
+impl NextHops for SharedHops {
+    fn resolve(&self, port: PortId, dst: IpAddr) -> Result<EthernetAddress, DropReason> {
+        self.0.resolve(port, dst)
+    }
+    fn route(&self, dst: IpAddr) -> Result<(PortId, EthernetAddress), DropReason> {
+        self.0.route(dst)
+    }
+}
+
+/// What a worker publishes for the stats endpoint (refreshed every ~100 ms).
+#[derive(Debug, Default, Clone)]
+struct WorkerStats {
+    core: usize,
+    queue: u32,
+    counters: WorkerCounters,
+    sockets: Vec<serde_json::Value>,
+    idle_polls: u64,
+}
+
+struct Shared {
+    db: Arc<SaDb>,
+    net: Arc<Network>,
+    stop: Arc<AtomicBool>,
+    workers: Vec<Mutex<WorkerStats>>,
+    xdp: Mutex<Vec<XdpPort>>,
+    hops: Arc<KernelNextHops>,
+    started: Instant,
+    events_logged: Mutex<u64>,
+}
+
+impl Shared {
+    fn snapshot(&self) -> serde_json::Value {
+        let now = now_ns();
+        let mut totals = WorkerCounters::default();
+        let workers: Vec<_> = self
+            .workers
+            .iter()
+            .enumerate()
+            .map(|(i, w)| {
+                let w = w.lock().map(|g| g.clone()).unwrap_or_default();
+                totals.merge(&w.counters);
+                serde_json::json!({
+                    "worker": i,
+                    "core": w.core,
+                    "queue": w.queue,
+                    "counters": w.counters.to_json(),
+                    "sockets": w.sockets,
+                    "idle_polls": w.idle_polls,
+                })
+            })
+            .collect();
+        let guard = crossbeam_epoch::pin();
+        let sas: Vec<_> = self.db.iter(&guard).map(|sa| sa.to_json(now)).collect();
+        let mut xdp = serde_json::Map::new();
+        if let Ok(ports) = self.xdp.lock() {
+            for p in ports.iter() {
+                let v = match p.counters() {
+                    Ok(c) => c.to_json(),
+                    Err(e) => serde_json::json!({ "error": e.to_string() }),
+                };
+                xdp.insert(p.ifname().to_string(), v);
+            }
+        }
+        serde_json::json!({
+            "uptime_s": self.started.elapsed().as_secs_f64(),
+            "ports": {
+                "wan": port_json(&self.net.wan),
+                "lan": port_json(&self.net.lan),
+            },
+            "totals": totals.to_json(),
+            "workers": workers,
+            "sas": sas,
+            "xdp": xdp,
+            "next_hops": self.hops.stats().to_json(),
+            "events_lost": self.db.events_lost(),
+        })
+    }
+}
+
+fn port_json(p: &PortConfig) -> serde_json::Value {
+    serde_json::json!({
+        "interface": p.interface,
+        "mac": p.mac.to_string(),
+        "mtu": p.mtu,
+        "addresses": p.addresses.iter().map(|(a, n)| format!("{a}/{}", n.prefix_len())).collect::<Vec<_>>(),
+    })
+}
+
+/// Fill in what the file leaves to the kernel: MAC, MTU and addresses of each port.
+fn complete_port(file: &Path, name: &str, pc: &mut PortConfig) -> Result<String, RunError> {
+    let Some(ifname) = pc.interface.clone() else {
+        return Err(RunError::Setup {
+            file: file.to_path_buf(),
+            msg: format!(
+                "the live gateway needs the {name} port's interface: set [dataplane.{name}] interface = \"...\""
+            ),
+        });
+    };
+    let link = netlink::link_info(&ifname)?;
+    if pc.mac_set && pc.mac != link.mac {
+        tracing::warn!(
+            port = name,
+            ifname,
+            configured = %pc.mac,
+            actual = %link.mac,
+            "configured MAC differs from the interface's; using the interface's"
+        );
+    }
+    pc.mac = link.mac;
+    let if_mtu = u16::try_from(link.mtu).unwrap_or(u16::MAX);
+    if !pc.mtu_set {
+        pc.mtu = if_mtu.min(9216);
+    } else if pc.mtu > if_mtu {
+        tracing::warn!(
+            port = name,
+            ifname,
+            configured = pc.mtu,
+            interface = if_mtu,
+            "configured MTU is above the interface's; using the interface's"
+        );
+        pc.mtu = if_mtu;
+    }
+    if pc.addresses.is_empty() {
+        pc.addresses = link
+            .addresses
+            .iter()
+            .filter(|(a, _)| !is_link_local(a))
+            .map(|(a, len)| (*a, Prefix::new(*a, *len)))
+            .collect();
+    } else {
+        for (a, _) in &pc.addresses {
+            if !link.addresses.iter().any(|(x, _)| x == a) {
+                tracing::warn!(port = name, ifname, address = %a, "configured address is not on the interface: the kernel will not answer ARP/ND or IKE for it");
+            }
+        }
+    }
+    if pc.addresses.is_empty() {
+        return Err(RunError::Setup {
+            file: file.to_path_buf(),
+            msg: format!(
+                "the {name} port ({ifname}) has no address: add one to the interface or to [dataplane.{name}] addresses"
+            ),
+        });
+    }
+    Ok(ifname)
+}
+
+fn is_link_local(a: &IpAddr) -> bool {
+    match a {
+        IpAddr::V4(v) => v.is_link_local(),
+        IpAddr::V6(v) => (v.segments()[0] & 0xffc0) == 0xfe80,
+    }
+}
+
+/// Run the gateway until SIGINT/SIGTERM (or until `stop` is set, for tests). Returns the final
+/// counters.
+pub fn run(
+    config_path: &Path,
+    stop: Option<Arc<AtomicBool>>,
+) -> Result<serde_json::Value, RunError> {
+    let mut cfg: Config = config::load(config_path)?;
+    let file = config_path.to_path_buf();
+    let wan_if = complete_port(&file, "wan", &mut cfg.dataplane.wan)?;
+    let lan_if = complete_port(&file, "lan", &mut cfg.dataplane.lan)?;
+    if wan_if == lan_if {
+        return Err(RunError::Setup {
+            file,
+            msg: format!("the WAN and LAN ports are the same interface ({wan_if})"),
+        });
+    }
+    let rc = cfg.dataplane.run.clone();
+    xsk::check_memlock(rc.cores.len(), rc.umem_frames)?;
+    if !cfg.routes.is_empty() {
+        tracing::warn!(
+            "[[route]] entries are for replay mode; the live gateway follows the kernel's routes"
+        );
+    }
+
+    let stop = stop.unwrap_or_default();
+    for sig in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
+        signal_hook::flag::register(sig, Arc::clone(&stop)).map_err(RunError::Signals)?;
+    }
+
+    let db = Arc::new(SaDb::new(cfg.dataplane.max_sas));
+    let installed = config::install(cfg, &db, &SoftwareProvider, now_ns()).map_err(|source| {
+        RunError::Install {
+            file: file.clone(),
+            source,
+        }
+    })?;
+    let d = installed.dataplane;
+    let hops = KernelNextHops::start(
+        &[
+            PortLink {
+                port: PortId::Wan,
+                ifname: wan_if.clone(),
+            },
+            PortLink {
+                port: PortId::Lan,
+                ifname: lan_if.clone(),
+            },
+        ],
+        &installed.neighbors,
+    )?;
+    let mut ours: Vec<IpAddr> = d.wan.addresses.iter().map(|(a, _)| *a).collect();
+    ours.extend(d.lan.addresses.iter().map(|(a, _)| *a));
+    let mode = match rc.xdp_mode {
+        XdpMode::Native => AttachMode::Native,
+        XdpMode::Generic => AttachMode::Generic,
+    };
+    let wan_xdp = XdpPort::attach(
+        &wan_if,
+        PortRole::Wan {
+            encap_port: d.encap_port,
+        },
+        &ours,
+        mode,
+    )?;
+    let lan_xdp = XdpPort::attach(&lan_if, PortRole::Lan, &ours, mode)?;
+    tracing::info!(wan = %wan_if, lan = %lan_if, "XDP steering attached");
+
+    let mut net = Network::new(
+        d.wan.clone(),
+        d.lan.clone(),
+        d.encap_port,
+        Box::new(SharedHops(Arc::clone(&hops))),
+    );
+    net.tcp_mss = d.tcp_mss;
+    let shared = Arc::new(Shared {
+        db: Arc::clone(&db),
+        net: Arc::new(net),
+        stop: Arc::clone(&stop),
+        workers: rc
+            .cores
+            .iter()
+            .map(|_| Mutex::new(WorkerStats::default()))
+            .collect(),
+        xdp: Mutex::new(vec![wan_xdp, lan_xdp]),
+        hops: Arc::clone(&hops),
+        started: Instant::now(),
+        events_logged: Mutex::new(0),
+    });
+
+    let result = run_workers(&shared, &rc, &wan_if, &lan_if, &file);
+    stop.store(true, Ordering::SeqCst);
+    let final_stats = shared.snapshot();
+    if let Ok(mut ports) = shared.xdp.lock() {
+        for p in ports.drain(..) {
+            let name = p.ifname().to_string();
+            if let Err(e) = p.detach() {
+                tracing::warn!(ifname = %name, "detaching the XDP program: {e}");
+            }
+        }
+    }
+    hops.stop();
+    result.map(|()| final_stats)
+}
+
+fn run_workers(
+    shared: &Arc<Shared>,
+    rc: &config::RunConfig,
+    wan_if: &str,
+    lan_if: &str,
+    file: &Path,
+) -> Result<(), RunError> {
+    let listener = bind_stats(&rc.stats_socket)?;
+    let (ready_tx, ready_rx) = mpsc::channel::<Ready>();
+    let mut handles = Vec::new();
+    let mut go = Vec::new();
+    for (i, &core) in rc.cores.iter().enumerate() {
+        let (go_tx, go_rx) = mpsc::channel::<bool>();
+        go.push(go_tx);
+        let shared = Arc::clone(shared);
+        let ready = ready_tx.clone();
+        let (wan, lan) = (wan_if.to_string(), lan_if.to_string());
+        let rc = rc.clone();
+        let h = std::thread::Builder::new()
+            .name(format!("espgw-worker-{i}"))
+            .spawn(move || worker(i, core, &rc, &wan, &lan, &shared, ready, go_rx))
+            .map_err(|e| RunError::Worker {
+                worker: i,
+                core,
+                msg: format!("spawning the thread: {e}"),
+            })?;
+        handles.push((i, core, h));
+    }
+    drop(ready_tx);
+    // Every worker opens its sockets; then they go into the XSKMAPs and traffic starts.
+    let mut failure = None;
+    for _ in 0..rc.cores.len() {
+        match ready_rx.recv() {
+            Ok((i, Ok(fds))) => {
+                if let Ok(mut ports) = shared.xdp.lock() {
+                    for (port, queue, fd) in fds {
+                        let idx = usize::from(port == PortId::Lan);
+                        if let Some(p) = ports.get_mut(idx)
+                            && let Err(e) = p.register_socket(queue, fd)
+                        {
+                            failure.get_or_insert(RunError::Xdp(Box::new(e)));
+                        }
+                    }
+                }
+                tracing::debug!(worker = i, "sockets registered");
+            }
+            Ok((i, Err(msg))) => {
+                failure.get_or_insert(RunError::Worker {
+                    worker: i,
+                    core: rc.cores.get(i).copied().unwrap_or(0),
+                    msg,
+                });
+            }
+            Err(_) => break,
+        }
+    }
+    let ok = failure.is_none();
+    for g in &go {
+        let _ = g.send(ok);
+    }
+    if ok {
+        tracing::info!(
+            workers = rc.cores.len(),
+            config = %file.display(),
+            stats = %rc.stats_socket.display(),
+            "espgw-dataplane running"
+        );
+        eprintln!(
+            "espgw-dataplane: running with {} worker(s) on cores {:?}; stats on {}; Ctrl-C stops",
+            rc.cores.len(),
+            rc.cores,
+            rc.stats_socket.display()
+        );
+        main_loop(shared, &listener);
+    }
+    shared.stop.store(true, Ordering::SeqCst);
+    for (i, core, h) in handles {
+        match h.join() {
+            Ok(Ok(())) => {}
+            Ok(Err(msg)) => {
+                failure.get_or_insert(RunError::Worker {
+                    worker: i,
+                    core,
+                    msg,
+                });
+            }
+            Err(_) => {
+                failure.get_or_insert(RunError::Worker {
+                    worker: i,
+                    core,
+                    msg: "panicked".into(),
+                });
+            }
+        }
+    }
+    let _ = std::fs::remove_file(&rc.stats_socket);
+    match failure {
+        Some(e) => Err(e),
+        None => Ok(()),
+    }
+}
+
+fn bind_stats(path: &Path) -> Result<UnixListener, RunError> {
+    let err = |err| RunError::Stats {
+        path: path.to_path_buf(),
+        err,
+    };
+    if let Some(dir) = path.parent()
+        && !dir.as_os_str().is_empty()
+    {
+        std::fs::create_dir_all(dir).map_err(err)?;
+    }
+    if path.exists() {
+        if std::os::unix::net::UnixStream::connect(path).is_ok() {
+            return Err(err(std::io::Error::other(
+                "another espgw-dataplane is serving this socket (stop it, or set stats_socket)",
+            )));
+        }
+        std::fs::remove_file(path).map_err(err)?;
+    }
+    let l = UnixListener::bind(path).map_err(err)?;
+    // Counters name peers and SAs: owner and group only.
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o660)).map_err(err)?;
+    l.set_nonblocking(true).map_err(err)?;
+    Ok(l)
+}
+
+fn main_loop(shared: &Arc<Shared>, listener: &UnixListener) {
+    let mut last_sweep = Instant::now();
+    while !shared.stop.load(Ordering::Relaxed) {
+        match listener.accept() {
+            Ok((mut s, _)) => {
+                let _ = s.set_nonblocking(false);
+                let _ = s.set_write_timeout(Some(Duration::from_secs(1)));
+                let body = serde_json::to_string_pretty(&shared.snapshot()).unwrap_or_default();
+                let _ = s.write_all(body.as_bytes());
+                let _ = s.write_all(b"\n");
+                continue;
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+            Err(e) => tracing::warn!("stats socket: {e}"),
+        }
+        if last_sweep.elapsed() >= Duration::from_millis(200) {
+            last_sweep = Instant::now();
+            shared.db.sweep(now_ns());
+            log_events(shared);
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    log_events(shared);
+}
+
+fn log_events(shared: &Shared) {
+    for e in shared.db.drain_events() {
+        let ev = serde_json::to_string(&e).unwrap_or_default();
+        tracing::warn!(spi = format_args!("{:#010x}", e.spi), event = %ev, "SA lifetime event");
+        if let Ok(mut n) = shared.events_logged.lock() {
+            *n += 1;
+        }
+    }
+}
+
+/// One worker: pinned to `core`, serving queue `idx` of both ports.
+#[allow(clippy::too_many_arguments)]
+fn worker(
+    idx: usize,
+    core: usize,
+    rc: &config::RunConfig,
+    wan_if: &str,
+    lan_if: &str,
+    shared: &Shared,
+    ready: mpsc::Sender<Ready>,
+    go: mpsc::Receiver<bool>,
+) -> Result<(), String> {
+    if !core_affinity::set_for_current(core_affinity::CoreId { id: core }) {
+        tracing::warn!(worker = idx, core, "could not pin the worker to its core");
+    }
+    let queue = idx as u32;
+    let opened = XskWorker::open(
+        &[(PortId::Wan, wan_if), (PortId::Lan, lan_if)],
+        queue,
+        rc.umem_frames,
+        rc.ring_size,
+    );
+    let mut xw = match opened {
+        Ok(w) => {
+            let fds = w
+                .sockets()
+                .iter()
+                .map(|s| (s.port, s.queue, s.fd()))
+                .collect();
+            let _ = ready.send((idx, Ok(fds)));
+            w
+        }
+        Err(e) => {
+            let msg = e.to_string();
+            let _ = ready.send((idx, Err(msg.clone())));
+            return Err(msg);
+        }
+    };
+    if !go.recv().unwrap_or(false) {
+        return Ok(());
+    }
+    let mut pipe = Pipeline::new(
+        Arc::clone(&shared.db),
+        Arc::clone(&shared.net),
+        WorkerCtx::new(),
+    );
+    let batch = (rc.batch_size as usize).clamp(1, MAX_BATCH);
+    let ports: Vec<PortId> = xw.sockets().iter().map(|s| s.port).collect();
+    let mut descs: Vec<XdpDesc> = Vec::with_capacity(batch);
+    let mut out: [Vec<XdpDesc>; 2] = [Vec::with_capacity(batch), Vec::with_capacity(batch)];
+    let mut verdicts = vec![Verdict::Drop(DropReason::Unsupported); batch];
+    let mut tx_full = 0u64;
+    let mut bad_desc = 0u64;
+    let mut no_host = 0u64;
+    let mut idle = 0u32;
+    let mut idle_polls = 0u64;
+    let mut last_publish = Instant::now();
+    let fds: Vec<i32> = xw.sockets().iter().map(|s| s.fd()).collect();
+    while !shared.stop.load(Ordering::Relaxed) {
+        xw.reclaim();
+        let mut got = 0;
+        for (i, &port) in ports.iter().enumerate() {
+            xw.refill(i);
+            xw.receive(i, batch as u32, &mut descs);
+            if descs.is_empty() {
+                continue;
+            }
+            got += descs.len();
+            let now = now_ns();
+            out[0].clear();
+            out[1].clear();
+            let mut to_free: ArrayVec<u64, MAX_BATCH> = ArrayVec::new();
+            {
+                let mut bufs = Vec::new();
+                xw.frames_mut(&descs, &mut bufs);
+                let mut frames: ArrayVec<Frame<'_>, MAX_BATCH> = ArrayVec::new();
+                let mut bases: ArrayVec<u64, MAX_BATCH> = ArrayVec::new();
+                for (d, b) in descs.iter().zip(bufs) {
+                    let base = d.addr - d.addr % u64::from(xsk::FRAME_SIZE);
+                    match b.and_then(|(buf, off, len)| Frame::new(buf, off, len)) {
+                        Some(f) => {
+                            frames.push(f);
+                            bases.push(base);
+                        }
+                        None => {
+                            bad_desc += 1;
+                            to_free.push(base);
+                        }
+                    }
+                }
+                let n = frames.len();
+                pipe.process(port, &mut frames, &mut verdicts[..n], now);
+                for ((f, v), base) in frames.iter().zip(&verdicts[..n]).zip(&bases) {
+                    let desc = XdpDesc {
+                        addr: base + f.start() as u64,
+                        len: f.len() as u32,
+                        options: 0,
+                    };
+                    match v {
+                        Verdict::TxWan => out[0].push(desc),
+                        Verdict::TxLan => out[1].push(desc),
+                        Verdict::ToHost => {
+                            no_host += 1;
+                            to_free.push(*base);
+                        }
+                        Verdict::Drop(_) => to_free.push(*base),
+                    }
+                }
+            }
+            for a in to_free {
+                xw.release(a);
+            }
+            for (o, list) in out.iter().enumerate() {
+                if !list.is_empty() {
+                    tx_full += xw.transmit(o, list) as u64;
+                }
+            }
+        }
+        if got == 0 {
+            xw.kick();
+            idle += 1;
+            if idle > 64 {
+                // Nothing for a while: sleep in poll() until a socket has frames (or 10 ms pass,
+                // to see the stop flag and publish counters).
+                idle_polls += 1;
+                poll_rx(&fds, 10);
+            }
+        } else {
+            idle = 0;
+        }
+        if last_publish.elapsed() >= Duration::from_millis(100) {
+            last_publish = Instant::now();
+            publish(
+                shared, idx, core, queue, &pipe, &xw, tx_full, no_host, bad_desc, idle_polls,
+            );
+        }
+    }
+    publish(
+        shared, idx, core, queue, &pipe, &xw, tx_full, no_host, bad_desc, idle_polls,
+    );
+    Ok(())
+}
+
+#[allow(clippy::too_many_arguments)]
+fn publish(
+    shared: &Shared,
+    idx: usize,
+    core: usize,
+    queue: u32,
+    pipe: &Pipeline,
+    xw: &XskWorker,
+    tx_full: u64,
+    no_host: u64,
+    bad_desc: u64,
+    idle_polls: u64,
+) {
+    let mut counters = pipe.counters().clone();
+    counters.drops.add(DropReason::TxRingFull, tx_full);
+    counters.drops.add(DropReason::NoHostPath, no_host);
+    counters.drops.add(DropReason::Malformed, bad_desc);
+    let sockets = xw
+        .sockets()
+        .iter()
+        .map(|s| {
+            serde_json::json!({
+                "port": s.port,
+                "interface": s.ifname,
+                "queue": s.queue,
+                "mode": if s.zero_copy { "zero-copy" } else { "copy" },
+                "kernel": s.kernel_stats(),
+            })
+        })
+        .collect();
+    if let Some(slot) = shared.workers.get(idx)
+        && let Ok(mut w) = slot.lock()
+    {
+        *w = WorkerStats {
+            core,
+            queue,
+            counters,
+            sockets,
+            idle_polls,
+        };
+    }
+}
+
+fn poll_rx(fds: &[i32], timeout_ms: i32) {
+    let mut p: ArrayVec<libc::pollfd, 4> = fds
+        .iter()
+        .take(4)
+        .map(|&fd| libc::pollfd {
+            fd,
+            events: libc::POLLIN,
+            revents: 0,
+        })
+        .collect();
+    // SAFETY: `p` is a live array of `p.len()` pollfd structs; poll only writes their revents.
+    unsafe {
+        libc::poll(p.as_mut_ptr(), p.len() as libc::nfds_t, timeout_ms);
+    }
+}
