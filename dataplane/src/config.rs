@@ -149,6 +149,9 @@ pub struct DataplaneConfig {
     /// Clamp the MSS option of TCP SYNs crossing the gateway to this value (Cisco's
     /// `ip tcp adjust-mss`), or leave them alone.
     pub tcp_mss: Option<u16>,
+    /// `ipsec` (the gateway) or `forward` (a plain router over the same path, no IPsec: the
+    /// forwarding benchmark's baseline).
+    pub forward_only: bool,
     /// The live gateway's workers, queues and sockets.
     pub run: RunConfig,
 }
@@ -258,6 +261,7 @@ struct RawDataplane {
     wan: Option<RawPort>,
     lan: Option<RawPort>,
     tcp_mss: Option<Spanned<u64>>,
+    mode: Option<Spanned<String>>,
     cores: Option<Spanned<Vec<u64>>>,
     batch_size: Option<Spanned<u64>>,
     umem_frames: Option<Spanned<u64>>,
@@ -807,6 +811,22 @@ pub fn parse_str(text: &str, file: &Path) -> Result<Config, ConfigError> {
         .as_ref()
         .and_then(|v| small::<u16>(&mut ctx, v, "tcp_mss", 536..=9176));
     let run = run_config(&mut ctx, d);
+    let forward_only = match &d.mode {
+        None => false,
+        Some(m) => {
+            match m.get_ref().as_str() {
+                "ipsec" => false,
+                "forward" => true,
+                other => {
+                    ctx.error(
+                    &m.span(),
+                    format!("mode {other:?} must be ipsec or forward (a plain router, for benchmarks)"),
+                );
+                    false
+                }
+            }
+        }
+    };
     let dataplane = DataplaneConfig {
         replay_window,
         max_sas,
@@ -816,6 +836,7 @@ pub fn parse_str(text: &str, file: &Path) -> Result<Config, ConfigError> {
         wan,
         lan,
         tcp_mss,
+        forward_only,
         run,
     };
 
@@ -1383,6 +1404,7 @@ pub fn instantiate(
     let d = inst.dataplane;
     let mut net = Network::new(d.wan, d.lan, d.encap_port, Box::new(next_hops));
     net.tcp_mss = d.tcp_mss;
+    net.forward_only = d.forward_only;
     Ok((db, Arc::new(net)))
 }
 

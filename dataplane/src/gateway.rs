@@ -259,6 +259,17 @@ fn complete_port(file: &Path, name: &str, pc: &mut PortConfig) -> Result<String,
     Ok(ifname)
 }
 
+/// RX queues of an interface as sysfs shows them (0 if unknown).
+fn rx_queues(ifname: &str) -> usize {
+    std::fs::read_dir(format!("/sys/class/net/{ifname}/queues"))
+        .map(|d| {
+            d.filter_map(Result::ok)
+                .filter(|e| e.file_name().to_string_lossy().starts_with("rx-"))
+                .count()
+        })
+        .unwrap_or(0)
+}
+
 fn is_link_local(a: &IpAddr) -> bool {
     match a {
         IpAddr::V4(v) => v.is_link_local(),
@@ -290,6 +301,20 @@ pub fn run(
         );
     }
 
+    for ifname in [&wan_if, &lan_if] {
+        let queues = rx_queues(ifname);
+        if queues > rc.cores.len() {
+            tracing::warn!(
+                ifname = %ifname,
+                queues,
+                workers = rc.cores.len(),
+                "the interface has more RX queues than workers: traffic on queues {}..{} is passed to the kernel (XDP counter no_socket); add cores or reduce the queues (ethtool -L {ifname} combined {})",
+                rc.cores.len(),
+                queues - 1,
+                rc.cores.len()
+            );
+        }
+    }
     let stop = stop.unwrap_or_default();
     for sig in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
         signal_hook::flag::register(sig, Arc::clone(&stop)).map_err(RunError::Signals)?;
@@ -322,14 +347,16 @@ pub fn run(
         XdpMode::Native => AttachMode::Native,
         XdpMode::Generic => AttachMode::Generic,
     };
-    let wan_xdp = XdpPort::attach(
-        &wan_if,
+    // A plain router (`mode = "forward"`) takes every routed packet on both ports, which is
+    // what the LAN role does.
+    let wan_role = if d.forward_only {
+        PortRole::Lan
+    } else {
         PortRole::Wan {
             encap_port: d.encap_port,
-        },
-        &ours,
-        mode,
-    )?;
+        }
+    };
+    let wan_xdp = XdpPort::attach(&wan_if, wan_role, &ours, mode)?;
     let lan_xdp = XdpPort::attach(&lan_if, PortRole::Lan, &ours, mode)?;
     tracing::info!(wan = %wan_if, lan = %lan_if, "XDP steering attached");
 
@@ -340,6 +367,7 @@ pub fn run(
         Box::new(SharedHops(Arc::clone(&hops))),
     );
     net.tcp_mss = d.tcp_mss;
+    net.forward_only = d.forward_only;
     let shared = Arc::new(Shared {
         db: Arc::clone(&db),
         net: Arc::new(net),

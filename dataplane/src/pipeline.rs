@@ -104,6 +104,9 @@ pub struct Network {
     pub next_hops: Box<dyn NextHops>,
     /// Clamp TCP SYNs' MSS option to this (both directions), or leave them alone.
     pub tcp_mss: Option<u16>,
+    /// Plain router: forward every routed IP packet by destination, no IPsec (the baseline the
+    /// forwarding benchmark compares against, and a way to check the I/O path alone).
+    pub forward_only: bool,
     /// Every address of the gateway, and the WAN port's, in the form compared per packet.
     ours: Vec<FlowAddr>,
     wan_ours: Vec<FlowAddr>,
@@ -132,6 +135,7 @@ impl Network {
             encap_port,
             next_hops,
             tcp_mss: None,
+            forward_only: false,
             ours,
             wan_ours,
         }
@@ -643,6 +647,7 @@ impl Pipeline {
             rx.rx_frames += f.len() as u64;
             rx.rx_bytes += f.iter().map(|x| x.len as u64).sum::<u64>();
             match port {
+                _ if self.net.forward_only => self.forward_chunk(port, f, v),
                 PortId::Wan => self.inbound_chunk(f, v, now_ns),
                 PortId::Lan | PortId::Host => self.outbound_chunk(port, f, v, now_ns),
             }
@@ -659,6 +664,29 @@ impl Pipeline {
                 c.tx_frames += 1;
                 c.tx_bytes += f.len as u64;
             }
+        }
+    }
+
+    // -----------------------------------------------------------------------------------------
+    // Plain forwarding (`mode = "forward"`).
+
+    fn forward_chunk(&mut self, port: PortId, frames: &mut [Frame<'_>], verdicts: &mut [Verdict]) {
+        let net = Arc::clone(&self.net);
+        for (f, v) in frames.iter_mut().zip(verdicts.iter_mut()) {
+            let mut l3 = L3::default();
+            *v = match parse_frame(f.data(), &mut l3) {
+                Err(r) => Verdict::Drop(r),
+                Ok(false) => Verdict::ToHost,
+                Ok(true) => {
+                    let dst = l3.addrs(&f.data()[l3.eth_len()..]).1;
+                    if net.is_ours(&dst) || is_multicast_or_link_local(&dst) {
+                        Verdict::ToHost
+                    } else {
+                        clamp_mss_out(f, &l3, &net);
+                        bypass(port != PortId::Host, f, l3, dst.ip(), &net)
+                    }
+                }
+            };
         }
     }
 
@@ -988,7 +1016,7 @@ fn classify_out<'g>(
         Decision::Bypass => {
             let dst = l3.addrs(ip).1.ip();
             clamp_mss_out(f, l3, net);
-            return Err(bypass(port, f, *l3, dst, net));
+            return Err(bypass(port == PortId::Lan, f, *l3, dst, net));
         }
         Decision::Protect(id) => id,
     };
@@ -1135,7 +1163,7 @@ fn too_big_reply(f: &mut Frame<'_>, m: &Meta<'_>, net: &Network) -> Option<Verdi
 
 /// Forward in the clear (a bypass policy): routed by destination, TTL decremented when
 /// forwarding. Always returns the verdict (as the `Err` side of classification).
-fn bypass(port: PortId, f: &mut Frame<'_>, l3: L3, dst: IpAddr, net: &Network) -> Verdict {
+fn bypass(forwarded: bool, f: &mut Frame<'_>, l3: L3, dst: IpAddr, net: &Network) -> Verdict {
     let (out, mac) = match net.next_hops.route(dst) {
         Ok(x) => x,
         Err(r) => return Verdict::Drop(r),
@@ -1149,7 +1177,7 @@ fn bypass(port: PortId, f: &mut Frame<'_>, l3: L3, dst: IpAddr, net: &Network) -
         return Verdict::Drop(DropReason::MtuExceeded);
     }
     let ip_at = f.start + l3.eth_len();
-    if port == PortId::Lan && !decrement_ttl(&mut f.buf[ip_at..ip_at + l3.ip_len()], l3.v6()) {
+    if forwarded && !decrement_ttl(&mut f.buf[ip_at..ip_at + l3.ip_len()], l3.v6()) {
         return Verdict::Drop(DropReason::TtlExceeded);
     }
     if let Err(r) = rewrite_ethernet(f, l3.eth_len(), l3.ip_len(), l3.v6(), mac, pc) {

@@ -726,3 +726,57 @@ fn tcp_mss_is_clamped_both_ways_when_configured() {
     let (_, got) = run(&mut b, PortId::Wan, &esp);
     assert_eq!(tcp_mss_and_checksum_ok(&got), (1460, true));
 }
+
+#[test]
+fn forward_mode_routes_both_ways_without_ipsec() {
+    let mut g = gateway(
+        r#"
+[dataplane]
+mode = "forward"
+[dataplane.wan]
+mac = "02:00:00:00:0a:01"
+addresses = ["203.0.113.1/24"]
+[dataplane.lan]
+mac = "02:00:00:00:0a:02"
+addresses = ["10.1.0.1/16"]
+[[route]]
+dst = "10.2.0.0/16"
+via = "203.0.113.2"
+port = "wan"
+[[neighbor]]
+ip = "203.0.113.2"
+mac = "02:00:00:00:0b:01"
+[[neighbor]]
+ip = "10.1.0.10"
+mac = "02:00:00:00:0c:10"
+"#,
+    );
+    let f = lan4(100, 64);
+    let (v, out) = run(&mut g, PortId::Lan, &f);
+    assert_eq!(v, Verdict::TxWan);
+    let eth = ethernet::EthernetFrame::new_checked(&out[..]).unwrap();
+    assert_eq!(eth.dst_addr(), EthernetAddress([2, 0, 0, 0, 0x0b, 1]));
+    assert_eq!(out[ethernet::HEADER_LEN..], ip_with_ttl_down(&f, 1)[..]);
+    // The other way: plaintext arriving on the WAN port is routed too (no ESP expected).
+    let back = crate::demo::udp4_frame(
+        Ipv4Addr::new(10, 2, 0, 20),
+        Ipv4Addr::new(10, 1, 0, 10),
+        5001,
+        40000,
+        64,
+        64,
+    );
+    let (v, out) = run(&mut g, PortId::Wan, &back);
+    assert_eq!(v, Verdict::TxLan);
+    assert_eq!(out[ethernet::HEADER_LEN..], ip_with_ttl_down(&back, 1)[..]);
+    // Traffic for the gateway itself still goes to the host.
+    let mine = crate::demo::udp4_frame(
+        Ipv4Addr::new(10, 1, 0, 10),
+        Ipv4Addr::new(10, 1, 0, 1),
+        5001,
+        22,
+        64,
+        64,
+    );
+    assert_eq!(run(&mut g, PortId::Lan, &mine).0, Verdict::ToHost);
+}

@@ -14,6 +14,7 @@ use std::{
     fmt, io,
     net::IpAddr,
     os::fd::{AsFd as _, AsRawFd as _, RawFd},
+    time::{Duration, Instant},
 };
 
 use aya::{
@@ -66,6 +67,8 @@ const PROGRAM_NAME: &str = "xdp_steer";
 const ROLE_WAN: u32 = 1;
 const ROLE_LAN: u32 = 2;
 const IKE_PORT: u16 = 500;
+/// How long [`XdpPort::detach`] waits for the kernel to let go of the program.
+const DETACH_TIMEOUT: Duration = Duration::from_secs(2);
 
 // <linux/if_link.h>
 const XDP_FLAGS_SKB_MODE: u32 = 1 << 1;
@@ -129,27 +132,27 @@ pub enum XdpError {
     #[error("invalid XDP steering configuration for {ifname}: {reason}")]
     InvalidConfig { ifname: String, reason: String },
     #[error("could not load the XDP steering object: {0}")]
-    Object(#[source] aya::EbpfError),
+    Object(#[source] Box<aya::EbpfError>),
     #[error("the XDP steering object has no {what} named {name}")]
     MissingObject {
         what: &'static str,
         name: &'static str,
     },
     #[error("the kernel refused the XDP steering program: {0}")]
-    Load(#[source] ProgramError),
+    Load(#[source] Box<ProgramError>),
     #[error("XDP map {map} of {ifname}: {source}")]
     Map {
         ifname: String,
         map: &'static str,
         #[source]
-        source: MapError,
+        source: Box<MapError>,
     },
     #[error("XDP attach to {ifname} ({mode} mode) failed: {source}{hint}")]
     Attach {
         ifname: String,
         mode: AttachMode,
         #[source]
-        source: ProgramError,
+        source: Box<ProgramError>,
         hint: &'static str,
     },
     #[error(
@@ -162,7 +165,7 @@ pub enum XdpError {
         ifname: String,
         prog_id: u32,
         #[source]
-        source: NetlinkError,
+        source: Box<NetlinkError>,
         hint: &'static str,
     },
     #[error("queue {queue} of {ifname} is out of range (the XSKMAP has {entries} entries)")]
@@ -177,7 +180,7 @@ pub enum XdpError {
     Netlink {
         what: String,
         #[source]
-        source: NetlinkError,
+        source: Box<NetlinkError>,
     },
 }
 
@@ -311,16 +314,16 @@ impl XdpPort {
 
         let mut rtnl = Rtnl::open().map_err(|source| XdpError::Netlink {
             what: "opening a route socket".into(),
-            source,
+            source: Box::new(source),
         })?;
         let link = rtnl.get_link(ifname)?;
 
-        let mut ebpf = Ebpf::load(XDP_STEER_OBJ).map_err(XdpError::Object)?;
+        let mut ebpf = Ebpf::load(XDP_STEER_OBJ).map_err(|e| XdpError::Object(Box::new(e)))?;
         let map_err = |map: &'static str| {
             move |source| XdpError::Map {
                 ifname: ifname.to_owned(),
                 map,
-                source,
+                source: Box::new(source),
             }
         };
         let mut config: Array<MapData, [u8; 8]> = take_map(&mut ebpf, "config")?
@@ -361,9 +364,9 @@ impl XdpPort {
                 name: PROGRAM_NAME,
             })?
             .try_into()
-            .map_err(XdpError::Load)?;
-        program.load().map_err(XdpError::Load)?;
-        let prog_id = program.info().map_err(XdpError::Load)?.id();
+            .map_err(load_err)?;
+        program.load().map_err(load_err)?;
+        let prog_id = program.info().map_err(load_err)?.id();
 
         // Only now that our program is loaded (the verifier has accepted it) is the interface
         // touched.
@@ -396,7 +399,7 @@ impl XdpPort {
             XdpError::Attach {
                 ifname: ifname.to_owned(),
                 mode,
-                source,
+                source: Box::new(source),
                 hint,
             }
         };
@@ -466,7 +469,7 @@ impl XdpPort {
         self.xsks.set(queue, fd, 0).map_err(|source| XdpError::Map {
             ifname: self.ifname.clone(),
             map: "xsks",
-            source,
+            source: Box::new(source),
         })
     }
 
@@ -480,7 +483,7 @@ impl XdpPort {
                 .map_err(|source| XdpError::Map {
                     ifname: self.ifname.clone(),
                     map: "counters",
-                    source,
+                    source: Box::new(source),
                 })?;
             values.push((name, per_cpu.iter().copied().fold(0u64, u64::wrapping_add)));
         }
@@ -496,22 +499,34 @@ impl XdpPort {
         let Some(link) = self.link.take() else {
             return Ok(());
         };
-        // Closing the link's last fd detaches the program.
+        // Closing the link's last fd detaches the program. A child process forked at that moment
+        // holds a copy of the fd until it execs (the fd is close-on-exec), so the program may
+        // stay attached for a moment: wait for it to go.
         drop(link);
         let detach_err = |reason: String| XdpError::Detach {
             ifname: self.ifname.clone(),
             reason,
         };
-        match self.rtnl.get_link_by_index(self.ifindex) {
-            // The interface is gone, and the program with it.
-            Err(e) if e.io.raw_os_error() == Some(libc::ENODEV) => Ok(()),
-            Err(e) => Err(detach_err(format!("could not check the interface: {e}"))),
-            Ok(link) if link.programs().any(|(_, id)| id == self.prog_id) => Err(detach_err(
-                format!("program {} is still attached", self.prog_id),
-            )),
-            Ok(_) => {
-                debug!(interface = %self.ifname, "XDP steering program detached");
-                Ok(())
+        let deadline = Instant::now() + DETACH_TIMEOUT;
+        loop {
+            match self.rtnl.get_link_by_index(self.ifindex) {
+                // The interface is gone, and the program with it.
+                Err(e) if e.io.raw_os_error() == Some(libc::ENODEV) => return Ok(()),
+                Err(e) => return Err(detach_err(format!("could not check the interface: {e}"))),
+                Ok(link) if link.programs().any(|(_, id)| id == self.prog_id) => {
+                    if Instant::now() >= deadline {
+                        return Err(detach_err(format!(
+                            "program {} is still attached after {DETACH_TIMEOUT:?} (does a \
+                             forked child process hold the link's fd?)",
+                            self.prog_id
+                        )));
+                    }
+                    std::thread::sleep(Duration::from_millis(2));
+                }
+                Ok(_) => {
+                    debug!(interface = %self.ifname, "XDP steering program detached");
+                    return Ok(());
+                }
             }
         }
     }
@@ -530,7 +545,7 @@ impl Drop for XdpPort {
 pub fn attached_program(ifname: &str) -> Result<Option<u32>, XdpError> {
     let mut rtnl = Rtnl::open().map_err(|source| XdpError::Netlink {
         what: "opening a route socket".into(),
-        source,
+        source: Box::new(source),
     })?;
     Ok(rtnl.get_link(ifname)?.programs().next().map(|(_, id)| id))
 }
@@ -541,6 +556,10 @@ fn addr_key(addr: IpAddr) -> [u8; 16] {
         IpAddr::V4(v4) => v4.to_ipv6_mapped().octets(),
         IpAddr::V6(v6) => v6.octets(),
     }
+}
+
+fn load_err(e: ProgramError) -> XdpError {
+    XdpError::Load(Box::new(e))
 }
 
 fn take_map(ebpf: &mut Ebpf, name: &'static str) -> Result<Map, XdpError> {
@@ -557,7 +576,7 @@ fn stale_error(ifname: &str, prog_id: u32, source: NetlinkError) -> XdpError {
     XdpError::StaleProgram {
         ifname: ifname.to_owned(),
         prog_id,
-        source,
+        source: Box::new(source),
         hint,
     }
 }
@@ -643,7 +662,7 @@ impl Rtnl {
             } else {
                 XdpError::Netlink {
                     what: format!("looking up interface {ifname}"),
-                    source,
+                    source: Box::new(source),
                 }
             }
         })
