@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # Run every test espgw has: formatting, lints, licences, unit and property tests, known-answer
-# tests, the scapy cross-check, the fuzz targets (bounded), the benchmark smoke run and the demo.
-# Installs what is missing first (scripts/setup.sh). Run as root.
+# tests, the scapy cross-check, the fuzz targets (bounded), the root tests in network namespaces
+# (XDP steering, netlink next hops, the live gateway against a scapy peer), the benchmark smoke
+# runs and both demos. Installs what is missing first (scripts/setup.sh). Run as root: the
+# namespace tests need it (they are marked #[ignore] for `cargo test` without root).
 #
 #   bash scripts/test.sh                 everything
 #   ESPGW_FUZZ_SECONDS=300 ...           fuzz longer (default 60 s per target)
@@ -27,12 +29,22 @@ cargo deny --log-level error check licenses bans sources
 step "unit, property and known-answer tests"
 cargo test --workspace --quiet
 
+step "root tests in network namespaces: XDP steering, kernel next hops (cargo test -- --ignored)"
+if [ "$(id -u)" -ne 0 ]; then
+    echo "scripts/test.sh: the namespace tests need root (CI runs as root)" >&2
+    exit 1
+fi
+cargo test --quiet -p espgw-dataplane --test xdp_steering --test netlink_nexthops -- --ignored
+
 step "release build"
 cargo build --release --quiet -p espgw-dataplane
 BIN=$ROOT/target/release/espgw-dataplane
 
 step "cross-check against scapy (independent ESP implementation)"
 "$ROOT/.venv/bin/python" tests/scapy/crosscheck.py --bin "$BIN"
+
+step "end to end: the gateway between namespaces, against a scapy peer"
+ESPGW_BIN="$BIN" "$ROOT/.venv/bin/python" -m unittest tests/e2e/test_gateway.py -v
 
 step "fuzz: inbound and outbound paths, ${FUZZ_SECONDS}s each"
 for t in inbound outbound; do
@@ -50,10 +62,15 @@ done
 step "benchmarks (smoke: each case once)"
 cargo bench --quiet -p espgw-benches -- --test
 
-step "demo (the README's first command)"
+step "offline demo (espgw-dataplane demo: two gateways in one process, captures)"
 DEMO_DIR=$(mktemp -d)
 "$BIN" demo --out "$DEMO_DIR" | tee "$DEMO_DIR/summary.txt"
 grep -q "40 of 40 plaintext frames arrived" "$DEMO_DIR/summary.txt"
 rm -rf "$DEMO_DIR"
+
+step "demo (the README's first command): two live gateways in namespaces"
+ESPGW_BIN="$BIN" bash scripts/demo.sh | tee /tmp/espgw-demo-$$.txt
+grep -q "^demo OK" /tmp/espgw-demo-$$.txt
+rm -f /tmp/espgw-demo-$$.txt
 
 step "all tests passed"

@@ -48,6 +48,19 @@ enum Cmd {
         #[arg(long)]
         config: PathBuf,
     },
+    /// Show a running gateway's counters (what its stats socket serves): SAs in Cisco's
+    /// `show crypto ipsec sa` terms, per-worker traffic, named drops, XDP verdicts.
+    Stats {
+        /// The stats socket (default: the one named in --config, else /run/espgw/dataplane.sock).
+        #[arg(long)]
+        socket: Option<PathBuf>,
+        /// Take the socket path from this configuration file.
+        #[arg(long)]
+        config: Option<PathBuf>,
+        /// Print the raw JSON.
+        #[arg(long)]
+        json: bool,
+    },
     /// Check a configuration file and print its warnings.
     CheckConfig {
         /// Configuration file (TOML).
@@ -105,6 +118,40 @@ fn main() -> ExitCode {
                 ExitCode::from(1)
             }
         },
+        Cmd::Stats {
+            socket,
+            config,
+            json,
+        } => {
+            let path = match (socket, config) {
+                (Some(s), _) => s,
+                (None, Some(c)) => match config::load(&c) {
+                    Ok(cfg) => cfg.dataplane.run.stats_socket,
+                    Err(e) => {
+                        eprintln!("{e}");
+                        return ExitCode::from(1);
+                    }
+                },
+                (None, None) => config::RunConfig::default().stats_socket,
+            };
+            match read_stats(&path) {
+                Ok(v) => {
+                    if json {
+                        println!("{}", serde_json::to_string_pretty(&v).unwrap_or_default());
+                    } else {
+                        print_stats(&v);
+                    }
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!(
+                        "espgw-dataplane: reading {}: {e} (is espgw-dataplane run up?)",
+                        path.display()
+                    );
+                    ExitCode::from(1)
+                }
+            }
+        }
         Cmd::CheckConfig { config } => match config::load(&config) {
             Ok(c) => {
                 for w in &c.warnings {
@@ -149,6 +196,101 @@ fn main() -> ExitCode {
                 ExitCode::from(1)
             }
         },
+    }
+}
+
+fn read_stats(path: &std::path::Path) -> std::io::Result<serde_json::Value> {
+    use std::io::Read;
+    let mut s = std::os::unix::net::UnixStream::connect(path)?;
+    s.set_read_timeout(Some(std::time::Duration::from_secs(5)))?;
+    let mut body = String::new();
+    s.read_to_string(&mut body)?;
+    serde_json::from_str(&body).map_err(std::io::Error::other)
+}
+
+/// One line per SA in Cisco's terms, then traffic, drops and XDP verdicts.
+fn print_stats(v: &serde_json::Value) {
+    let s = |x: &serde_json::Value| x.as_str().unwrap_or("?").to_string();
+    let port = |p: &serde_json::Value| {
+        format!(
+            "{} ({})",
+            s(&p["interface"]),
+            p["addresses"]
+                .as_array()
+                .map(|a| a.iter().map(&s).collect::<Vec<_>>().join(", "))
+                .unwrap_or_default()
+        )
+    };
+    println!(
+        "espgw-dataplane: WAN {}, LAN {}, up {:.1} s",
+        port(&v["ports"]["wan"]),
+        port(&v["ports"]["lan"]),
+        v["uptime_s"].as_f64().unwrap_or(0.0)
+    );
+    if let Some(sas) = v["sas"].as_array() {
+        println!("SAs:");
+        for sa in sas {
+            let c = &sa["counters"];
+            let traffic = if sa["direction"] == "out" {
+                format!(
+                    "#pkts encaps {} encrypt {} digest {}, bytes {}",
+                    c["pkts_encaps"], c["pkts_encrypt"], c["pkts_digest"], c["bytes_encaps"]
+                )
+            } else {
+                format!(
+                    "#pkts decaps {} decrypt {} verify {}, bytes {}",
+                    c["pkts_decaps"], c["pkts_decrypt"], c["pkts_verify"], c["bytes_decaps"]
+                )
+            };
+            println!(
+                "  {:<12} {:<3} spi {} {:<24} {} -> {}  {traffic}  drops: {}",
+                s(&sa["name"]),
+                s(&sa["direction"]),
+                s(&sa["spi"]),
+                s(&sa["transform"]),
+                s(&sa["local"]),
+                s(&sa["remote"]),
+                drops_text(&sa["drops"]),
+            );
+        }
+    }
+    if let Some(ws) = v["workers"].as_array() {
+        for w in ws {
+            let c = &w["counters"];
+            println!(
+                "worker {} (core {}, queue {}): WAN rx {} tx {}, LAN rx {} tx {}, mean burst {:.1}",
+                w["worker"],
+                w["core"],
+                w["queue"],
+                c["wan"]["rx_frames"],
+                c["wan"]["tx_frames"],
+                c["lan"]["rx_frames"],
+                c["lan"]["tx_frames"],
+                c["mean_burst_fill"].as_f64().unwrap_or(0.0)
+            );
+        }
+    }
+    println!("drops: {}", drops_text(&v["totals"]["drops"]));
+    if let Some(x) = v["xdp"].as_object() {
+        for (ifname, counts) in x {
+            let nonzero: Vec<String> = counts
+                .as_object()
+                .map(|m| {
+                    m.iter()
+                        .filter(|(_, n)| n.as_u64().unwrap_or(0) > 0)
+                        .map(|(k, n)| format!("{k}={n}"))
+                        .collect()
+                })
+                .unwrap_or_default();
+            println!(
+                "xdp {ifname}: {}",
+                if nonzero.is_empty() {
+                    "-".into()
+                } else {
+                    nonzero.join(" ")
+                }
+            );
+        }
     }
 }
 

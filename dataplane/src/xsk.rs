@@ -486,14 +486,31 @@ impl XskWorker {
             return descs.len();
         };
         let mut sent = 0;
-        if !descs.is_empty() {
-            let mut w = s.tx.transmit(descs.len() as u32);
-            sent = w.insert(descs.iter().copied()) as usize;
-            w.commit();
-        }
-        s.in_tx += sent as u32;
-        if s.in_tx > 0 && s.tx.needs_wakeup() {
-            s.tx.wake();
+        // A full ring is usually a kernel that has not been kicked for a while (copy mode sends
+        // in the sendto() of the wakeup): kick, take back what completed, and try again before
+        // giving up on the rest.
+        for attempt in 0..3 {
+            if sent < descs.len() {
+                let mut w = s.tx.transmit((descs.len() - sent) as u32);
+                let n = w.insert(descs[sent..].iter().copied()) as usize;
+                w.commit();
+                sent += n;
+                s.in_tx += n as u32;
+            }
+            if s.in_tx > 0 && (s.tx.needs_wakeup() || sent < descs.len()) {
+                s.tx.wake();
+            }
+            if sent == descs.len() || attempt == 2 {
+                break;
+            }
+            let mut c = s.comp.complete(s.ring_size);
+            let mut done = 0;
+            while let Some(addr) = c.read() {
+                self.free.push(addr - addr % u64::from(FRAME_SIZE));
+                done += 1;
+            }
+            c.release();
+            s.in_tx = s.in_tx.saturating_sub(done);
         }
         for d in &descs[sent..] {
             self.free.push(d.addr - d.addr % u64::from(FRAME_SIZE));

@@ -1,0 +1,1180 @@
+#!/usr/bin/env python3
+"""End-to-end tests of the live gateway (`espgw-dataplane run`) on veth pairs in namespaces.
+
+Every test builds its own topology (namespace and interface names carry the test process's pid
+and a per-test index) and removes it again, also on failure:
+
+    lan-host ns                 gw ns (espgw-dataplane run)              peer ns
+    10.1.0.10/16 <-veth-> LAN 10.1.0.1/16 | WAN 203.0.113.1/24 <-veth-> 203.0.113.2/24
+    route 10.2.0.0/16 via 10.1.0.1                                      (scapy ESP peer,
+                                                                         10.2.N.0/24 behind)
+
+The peer is scapy holding the same SAs as the gateway; packet I/O inside the namespaces goes
+through tests/e2e/nsagent.py (sniff, send raw frames, kernel UDP sockets).
+
+Run as root from the repository root:
+    .venv/bin/python -m unittest tests/e2e/test_gateway.py -v
+The binary is $ESPGW_BIN (default target/release/espgw-dataplane, relative to the repository).
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import os
+import queue
+import random
+import re
+import shutil
+import signal
+import socket
+import struct
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import unittest
+from dataclasses import dataclass
+from pathlib import Path
+
+from scapy.layers.inet import IP, UDP
+from scapy.layers.ipsec import ESP, IPSecIntegrityError, SecurityAssociation
+from scapy.packet import Raw
+
+REPO = Path(__file__).resolve().parents[2]
+AGENT = REPO / "tests" / "e2e" / "nsagent.py"
+PYTHON = sys.executable
+_bin = Path(os.environ.get("ESPGW_BIN", "target/release/espgw-dataplane"))
+BIN = _bin if _bin.is_absolute() else REPO / _bin
+
+# ------------------------------------------------------------------------------------------------
+# Addresses (documentation / private ranges only; nothing leaves the namespaces).
+
+HOST_MAC = "02:e2:e0:00:00:0a"  # lan-host
+LAN_MAC = "02:e2:e0:00:00:01"  # gateway LAN port
+WAN_MAC = "02:e2:e0:00:01:01"  # gateway WAN port
+PEER_MAC = "02:e2:e0:00:01:02"  # scapy peer
+HOST_IP = "10.1.0.10"
+GW_LAN_IP = "10.1.0.1"
+GW_WAN_IP = "203.0.113.1"
+PEER_IP = "203.0.113.2"
+WAN_MTU = 1500
+NATT = 4500
+
+# ------------------------------------------------------------------------------------------------
+# Transforms: one inbound and one outbound SA each; remote subnet 10.2.N.0/24.
+
+
+@dataclass(frozen=True)
+class Transform:
+    n: int  # remote subnet 10.2.n.0/24, SPIs 0x1000+n (out) / 0x2000+n (in)
+    label: str
+    config: tuple  # TOML key/values without keys
+    encap: bool  # ESP in UDP/4500
+    scapy_crypt: str
+    scapy_auth: str | None
+    enc_key_len: int  # GCM: AES key + 4-byte salt
+    integ_key_len: int
+    iv_len: int
+    icv_len: int
+    block: int  # the gateway pads payload + 2 to this (whole cipher blocks)
+
+    @property
+    def spi_out(self) -> int:
+        return 0x1000 + self.n
+
+    @property
+    def spi_in(self) -> int:
+        return 0x2000 + self.n
+
+    @property
+    def remote_net(self) -> str:
+        return f"10.2.{self.n}.0/24"
+
+    def keys(self, direction: str) -> tuple[bytes, bytes]:
+        rng = random.Random(f"espgw-e2e/{self.n}/{direction}")
+        return rng.randbytes(self.enc_key_len), rng.randbytes(self.integ_key_len)
+
+    def esp_overhead(self, inner_len: int) -> int:
+        """Outer IPv4 packet length for an inner packet, padded as the gateway pads."""
+        pad = (-(inner_len + 2)) % self.block
+        return 20 + (8 if self.encap else 0) + 8 + self.iv_len + inner_len + pad + 2 + self.icv_len
+
+
+TRANSFORMS = [
+    Transform(1, "aes128gcm16 ESP", (("aead", "aes128gcm16"),), False, "AES-GCM", None,
+              20, 0, 8, 16, 16),
+    Transform(2, "aes256gcm16 ESP-in-UDP", (("aead", "aes256gcm16"),), True, "AES-GCM", None,
+              36, 0, 8, 16, 16),
+    Transform(3, "aes128-cbc/hmac-sha1-96 ESP",
+              (("cipher", "aes128-cbc"), ("integrity", "hmac-sha1-96")), False,
+              "AES-CBC", "HMAC-SHA1-96", 16, 20, 16, 12, 16),
+    Transform(4, "aes256-cbc/hmac-sha2-256-128 ESP-in-UDP",
+              (("cipher", "aes256-cbc"), ("integrity", "hmac-sha2-256-128")), True,
+              "AES-CBC", "SHA2-256-128", 32, 32, 16, 16, 16),
+]
+BY_N = {t.n: t for t in TRANSFORMS}
+
+
+def scapy_sa(t: Transform, direction: str) -> SecurityAssociation:
+    """scapy's copy of SA `direction` (as the gateway names it): "in" is what the peer encrypts
+    with, "out" what it decrypts the gateway's packets with."""
+    enc, integ = t.keys(direction)
+    return SecurityAssociation(
+        ESP, spi=t.spi_in if direction == "in" else t.spi_out,
+        crypt_algo=t.scapy_crypt, crypt_key=enc,
+        auth_algo=t.scapy_auth, auth_key=integ or None,
+        tunnel_header=IP(src=PEER_IP, dst=GW_WAN_IP, ttl=64),
+        nat_t_header=UDP(sport=NATT, dport=NATT) if t.encap else None)
+
+
+def gateway_config(topo: "Topology", stats: Path, cores: list[int]) -> str:
+    L = [
+        "# Generated by tests/e2e/test_gateway.py",
+        "[dataplane]",
+        "replay_window = 1024",
+        'default_action = "discard"',
+        f"cores = {cores}",
+        "batch_size = 64",
+        "umem_frames = 1024",
+        "ring_size = 256",
+        'xdp_mode = "native"',
+        f'stats_socket = "{stats}"',
+        "",
+        "[dataplane.wan]",
+        f'interface = "{topo.if_wan}"',
+        "",
+        "[dataplane.lan]",
+        f'interface = "{topo.if_lan}"',
+        "",
+    ]
+    for t in TRANSFORMS:
+        common = ['mode = "tunnel"', f'local = "{GW_WAN_IP}"', f'remote = "{PEER_IP}"']
+        if t.encap:
+            common.append(f"encap = {{ sport = {NATT}, dport = {NATT} }}")
+        common += [f'{k} = "{v}"' for k, v in t.config]
+        for d in ("out", "in"):
+            enc, integ = t.keys(d)
+            L += ["[[sa]]", f'name = "t{t.n}-{d}"', f'direction = "{d}"',
+                  f"spi = {t.spi_out if d == 'out' else t.spi_in:#x}", f"# {t.label}"]
+            L += common + [f'key = "0x{enc.hex()}"']
+            if integ:
+                L.append(f'integrity_key = "0x{integ.hex()}"')
+            if d == "in":
+                L.append(f'selectors = [{{ src = "{t.remote_net}", dst = "10.1.0.0/16" }}]')
+            L.append("")
+        L += ["[[policy]]", 'src = "10.1.0.0/16"', f'dst = "{t.remote_net}"',
+              'protocol = "any"', 'action = "protect"', f'sa = "t{t.n}-out"', ""]
+    return "\n".join(L) + "\n"
+
+
+# ------------------------------------------------------------------------------------------------
+# Byte helpers (independent of the gateway's code).
+
+
+def csum(b: bytes) -> int:
+    if len(b) % 2:
+        b += b"\0"
+    s = sum(struct.unpack(f"!{len(b) // 2}H", b))
+    while s >> 16:
+        s = (s & 0xFFFF) + (s >> 16)
+    return (~s) & 0xFFFF
+
+
+def mac(m: str) -> bytes:
+    return bytes(int(x, 16) for x in m.split(":"))
+
+
+def ether(dst: str, src: str) -> bytes:
+    return mac(dst) + mac(src) + b"\x08\x00"
+
+
+def minus_one_hop(ip: bytes) -> bytes:
+    """The IPv4 packet as a router forwards it: TTL - 1, header checksum recomputed."""
+    b = bytearray(ip)
+    b[8] -= 1
+    ihl = (b[0] & 0xF) * 4
+    b[10:12] = b"\0\0"
+    b[10:12] = struct.pack("!H", csum(bytes(b[:ihl])))
+    return bytes(b)
+
+
+def udp_checksum_ok(ip: bytes) -> bool:
+    ihl = (ip[0] & 0xF) * 4
+    total = struct.unpack("!H", ip[2:4])[0]
+    seg = ip[ihl:total]
+    if struct.unpack("!H", seg[6:8])[0] == 0:
+        return True  # no checksum (IPv4)
+    pseudo = ip[12:20] + struct.pack("!BBH", 0, 17, len(seg))
+    return csum(pseudo + seg) == 0
+
+
+def first_diff(want: bytes, got: bytes) -> str:
+    for i in range(min(len(want), len(got))):
+        if want[i] != got[i]:
+            return (f"first difference at byte {i}: expected {want[i:i + 8].hex()} "
+                    f"got {got[i:i + 8].hex()}")
+    return f"lengths differ: expected {len(want)} bytes, got {len(got)}"
+
+
+def udp_packet(src: str, dst: str, sport: int, dport: int, payload: bytes, *, ttl: int = 64,
+               ident: int = 1, df: bool = True, tos: int = 0, zero_csum: bool = False) -> bytes:
+    u = UDP(sport=sport, dport=dport)
+    if zero_csum:
+        u.chksum = 0
+    p = IP(src=src, dst=dst, ttl=ttl, id=ident, flags="DF" if df else 0, tos=tos) / u / \
+        Raw(payload)
+    return bytes(p)
+
+
+def parse_wan_frame(fr: bytes) -> dict:
+    """Outer Ethernet/IPv4/(UDP)/ESP fields of a frame the gateway sent to the peer."""
+    ip = fr[14:]
+    ihl = (ip[0] & 0xF) * 4
+    total = struct.unpack("!H", ip[2:4])[0]
+    r = {"eth_dst": fr[0:6], "eth_src": fr[6:12], "ethertype": fr[12:14], "ip": ip[:total],
+         "total": total, "src": socket.inet_ntoa(ip[12:16]), "dst": socket.inet_ntoa(ip[16:20]),
+         "proto": ip[9], "hdr_ok": csum(ip[:ihl]) == 0, "udp": None, "pad": fr[14 + total:]}
+    at = ihl
+    if ip[9] == 17:
+        r["udp"] = struct.unpack("!HHHH", ip[ihl:ihl + 8])
+        at += 8
+    r["esp_len"] = total - at
+    r["spi"], r["seq"] = struct.unpack("!II", ip[at:at + 8])
+    return r
+
+
+# ------------------------------------------------------------------------------------------------
+# Processes.
+
+
+def sh(*cmd: str, check: bool = True, timeout: float = 20) -> subprocess.CompletedProcess:
+    p = subprocess.run(list(cmd), capture_output=True, text=True, timeout=timeout)
+    if check and p.returncode != 0:
+        raise RuntimeError(f"command failed ({p.returncode}): {' '.join(cmd)}\n"
+                           f"{p.stdout}{p.stderr}")
+    return p
+
+
+class LineReader:
+    """Drains a pipe in a thread into a list and a queue of lines."""
+
+    def __init__(self, pipe) -> None:
+        self.lines: list[str] = []
+        self.q: queue.Queue = queue.Queue()
+        self.t = threading.Thread(target=self._run, args=(pipe,), daemon=True)
+        self.t.start()
+
+    def _run(self, pipe) -> None:
+        with pipe:
+            for line in pipe:
+                self.lines.append(line)
+                self.q.put(line)
+        self.q.put(None)
+
+    def text(self) -> str:
+        return "".join(self.lines)
+
+
+class Agent:
+    """tests/e2e/nsagent.py running in a namespace (optionally pinned to one CPU)."""
+
+    def __init__(self, ns: str, args: list[str], stdin: object = None,
+                 cpu: int | None = None) -> None:
+        cmd = ["ip", "netns", "exec", ns, PYTHON, str(AGENT)] + args
+        if cpu is not None:
+            cmd = ["taskset", "-c", str(cpu)] + cmd
+        self.cmd = cmd
+        self.p = subprocess.Popen(cmd, stdin=subprocess.PIPE if stdin is not None else
+                                  subprocess.DEVNULL, stdout=subprocess.PIPE,
+                                  stderr=subprocess.PIPE, text=True)
+        self.out = LineReader(self.p.stdout)
+        self.err = LineReader(self.p.stderr)
+        if stdin is not None:
+            self.p.stdin.write(json.dumps(stdin))
+            self.p.stdin.close()
+
+    def _next(self, timeout: float) -> dict:
+        try:
+            line = self.out.q.get(timeout=timeout)
+        except queue.Empty:
+            raise AssertionError(f"agent gave no answer within {timeout} s: {' '.join(self.cmd)}"
+                                 f"\nstderr: {self.err.text()[-2000:]}") from None
+        if line is None:
+            self.p.wait(5)
+            raise AssertionError(f"agent exited ({self.p.returncode}) without an answer: "
+                                 f"{' '.join(self.cmd)}\nstderr: {self.err.text()[-2000:]}")
+        return json.loads(line)
+
+    def ready(self, timeout: float = 20) -> "Agent":
+        msg = self._next(timeout)
+        if not msg.get("ready"):
+            raise AssertionError(f"agent said {msg} instead of ready")
+        return self
+
+    def result(self, timeout: float = 30) -> dict:
+        r = self._next(timeout)
+        self.p.wait(5)
+        self.out.t.join(5)
+        self.err.t.join(5)
+        return r
+
+    def kill(self) -> None:
+        if self.p.poll() is None:
+            self.p.kill()
+        self.p.wait(5)
+        self.out.t.join(5)
+        self.err.t.join(5)
+
+
+class Topology:
+    """lan-host ns <-> gw ns <-> peer ns, all names unique per test process and test."""
+
+    def __init__(self, idx: int, queues: int = 1) -> None:
+        pid = os.getpid()
+        base = f"espgw-e2e-{pid}-{idx}"
+        self.ns_host, self.ns_gw, self.ns_peer = f"{base}-lan", f"{base}-gw", f"{base}-peer"
+        tag = f"e{pid}x{idx}"  # + one letter: at most 1 + 7 + 1 + 3 + 1 <= 15 characters
+        self.if_host, self.if_lan, self.if_wan, self.if_peer = (tag + "h", tag + "l", tag + "w",
+                                                                tag + "p")
+        assert max(len(x) for x in (self.if_host, self.if_lan)) <= 15
+        self.queues = queues
+        self.created: list[str] = []
+
+    def namespaces(self) -> list[str]:
+        return [self.ns_host, self.ns_gw, self.ns_peer]
+
+    def create(self) -> None:
+        q = ["numtxqueues", str(self.queues), "numrxqueues", str(self.queues)]
+        for ns in self.namespaces():
+            sh("ip", "netns", "add", ns)
+            self.created.append(ns)
+            sh("ip", "-n", ns, "link", "set", "lo", "up")
+            # No IPv6: no router solicitations, MLD or DAD frames on the ports.
+            sh("ip", "netns", "exec", ns, "sysctl", "-qw", "net.ipv6.conf.all.disable_ipv6=1",
+               "net.ipv6.conf.default.disable_ipv6=1")
+        sh("ip", "link", "add", "name", self.if_host, *q, "address", HOST_MAC, "netns",
+           self.ns_host, "type", "veth", "peer", "name", self.if_lan, *q, "address", LAN_MAC,
+           "netns", self.ns_gw)
+        sh("ip", "link", "add", "name", self.if_wan, *q, "address", WAN_MAC, "netns",
+           self.ns_gw, "type", "veth", "peer", "name", self.if_peer, *q, "address", PEER_MAC,
+           "netns", self.ns_peer)
+        for ns, ifname, addr in ((self.ns_host, self.if_host, f"{HOST_IP}/16"),
+                                 (self.ns_gw, self.if_lan, f"{GW_LAN_IP}/16"),
+                                 (self.ns_gw, self.if_wan, f"{GW_WAN_IP}/24"),
+                                 (self.ns_peer, self.if_peer, f"{PEER_IP}/24")):
+            sh("ip", "-n", ns, "addr", "add", addr, "dev", ifname)
+            sh("ip", "-n", ns, "link", "set", ifname, "up")
+            # The checksum trap (ENVIRONMENT.md): a namespace's own stack would send partial
+            # UDP checksums over veth. Off on every port a kernel stack sends from.
+            sh("ip", "netns", "exec", ns, "ethtool", "-K", ifname, "tx", "off")
+        sh("ip", "-n", self.ns_host, "route", "add", "10.2.0.0/16", "via", GW_LAN_IP)
+        # The gateway takes next hops from the kernel's neighbour table: resolve them now (the
+        # ARP requests also teach lan-host and the peer the gateway's MACs).
+        sh("ip", "netns", "exec", self.ns_gw, "ping", "-c1", "-W2", HOST_IP)
+        sh("ip", "netns", "exec", self.ns_gw, "ping", "-c1", "-W2", PEER_IP)
+        sh("ip", "netns", "exec", self.ns_host, "ping", "-c1", "-W2", GW_LAN_IP)
+        sh("ip", "netns", "exec", self.ns_peer, "ping", "-c1", "-W2", GW_WAN_IP)
+
+    def set_xps(self, ns: str, ifname: str) -> None:
+        """Transmit queue i of `ifname` <- CPU i (see test_4)."""
+        for i in range(self.queues):
+            sh("ip", "netns", "exec", ns, "sh", "-c",
+               f"echo {1 << i:x} > /sys/class/net/{ifname}/queues/tx-{i}/xps_cpus")
+
+    def xdp_attached(self, ifname: str) -> str | None:
+        """The `ip -d link` line that shows an XDP program on ifname, or None."""
+        out = sh("ip", "-n", self.ns_gw, "-d", "link", "show", "dev", ifname).stdout
+        for line in out.splitlines():
+            if re.search(r"prog/xdp|\bxdp(generic|drv|offload)?\b", line):
+                return line.strip()
+        return None
+
+    def destroy(self) -> None:
+        for ns in self.created:
+            # Only our own processes live in these uniquely named namespaces.
+            pids = sh("ip", "netns", "pids", ns, check=False).stdout.split()
+            for pid in pids:
+                try:
+                    os.kill(int(pid), signal.SIGKILL)
+                except (ProcessLookupError, ValueError):
+                    pass
+        for ns in self.created:
+            sh("ip", "netns", "del", ns, check=False)
+        self.created = []
+
+
+class Gateway:
+    """One `espgw-dataplane run` in the gateway namespace."""
+
+    READY = "espgw-dataplane: running with"
+
+    def __init__(self, topo: Topology, config: Path, stats: Path) -> None:
+        self.topo, self.config, self.stats_path = topo, config, stats
+        self.p: subprocess.Popen | None = None
+        self.history: list[str] = []  # stderr/stdout of earlier runs (diagnostics)
+        self.last_stats: dict | None = None
+
+    def start(self, timeout: float = 30) -> None:
+        cmd = ["ip", "netns", "exec", self.topo.ns_gw, str(BIN), "--log", "info", "run",
+               "--config", str(self.config)]
+        self.cmd = " ".join(cmd)
+        self.p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                  text=True)
+        self.out = LineReader(self.p.stdout)
+        self.err = LineReader(self.p.stderr)
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                line = self.err.q.get(timeout=max(0.0, deadline - time.monotonic()))
+            except queue.Empty:
+                raise AssertionError(f"gateway not ready within {timeout} s: {self.cmd}\n"
+                                     f"stderr:\n{self.err.text()[-4000:]}") from None
+            if line is None:
+                self.p.wait(10)
+                raise AssertionError(f"gateway exited ({self.p.returncode}) before it was "
+                                     f"ready: {self.cmd}\nstderr:\n{self.err.text()[-4000:]}")
+            if self.READY in line:
+                return
+
+    def running(self) -> bool:
+        return self.p is not None and self.p.poll() is None
+
+    def stats(self) -> dict:
+        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        s.settimeout(5)
+        try:
+            s.connect(str(self.stats_path))
+            data = b""
+            while chunk := s.recv(65536):
+                data += chunk
+        finally:
+            s.close()
+        self.last_stats = json.loads(data)
+        return self.last_stats
+
+    def wait_stats(self, pred, timeout: float = 5.0) -> dict:
+        """Poll the stats socket until pred(stats) holds (workers publish every ~100 ms); the
+        last snapshot either way."""
+        deadline = time.monotonic() + timeout
+        while True:
+            st = self.stats()
+            try:
+                if pred(st):
+                    return st
+            except (KeyError, TypeError, IndexError):
+                pass
+            if time.monotonic() > deadline:
+                return st
+            time.sleep(0.1)
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 10) -> tuple[int | None, str, float]:
+        """Signal the gateway; (exit status or None if it did not exit, stdout, seconds)."""
+        assert self.p is not None
+        t0 = time.monotonic()
+        self.p.send_signal(sig)
+        try:
+            rc = self.p.wait(timeout)
+        except subprocess.TimeoutExpired:
+            rc = None
+        dt = time.monotonic() - t0
+        if rc is None:
+            self.p.kill()
+            self.p.wait(10)
+        self.out.t.join(5)
+        self.err.t.join(5)
+        out = self.out.text()
+        self.history.append(f"--- {self.cmd} (signal {sig}, exit {rc} after {dt:.2f} s)\n"
+                            f"stderr:\n{self.err.text()[-6000:]}\nstdout:\n{out[-6000:]}")
+        self.p = None
+        return rc, out, dt
+
+    def diagnostics(self) -> str:
+        parts = list(self.history)
+        if self.p is not None:
+            parts.append(f"--- {self.cmd} (still running)\nstderr:\n{self.err.text()[-6000:]}")
+        if self.last_stats is not None:
+            parts.append("last stats JSON:\n" + json.dumps(self.last_stats, indent=1)[:12000])
+        return "\n".join(parts)
+
+
+# ------------------------------------------------------------------------------------------------
+# Stats JSON helpers (read defensively: the shape may still change).
+
+
+def dig(d, *path, default=None):
+    for k in path:
+        if isinstance(d, dict) and k in d:
+            d = d[k]
+        elif isinstance(d, list) and isinstance(k, int) and k < len(d):
+            d = d[k]
+        else:
+            return default
+    return d
+
+
+def sa_json(st: dict, name: str) -> dict:
+    for s in st.get("sas") or []:
+        if s.get("name") == name:
+            return s
+    return {}
+
+
+def xdp_counters(st: dict, ifname: str) -> dict:
+    return dig(st, "xdp", ifname, default={}) or {}
+
+
+_index = itertools.count(1)
+
+
+class GatewayTestCase(unittest.TestCase):
+    """Topology and gateway plumbing with cleanup and failure diagnostics."""
+
+    @classmethod
+    def setUpClass(cls) -> None:
+        if os.geteuid() != 0:
+            raise unittest.SkipTest("needs root (namespaces, veth, XDP, AF_XDP)")
+        if not BIN.is_file():
+            raise AssertionError(f"no gateway binary at {BIN}: build it "
+                                 "(cargo build --release -p espgw-dataplane) or set ESPGW_BIN")
+        for tool in ("ip", "ethtool", "ping", "tcpdump", "taskset"):
+            if shutil.which(tool) is None:
+                raise AssertionError(f"{tool} is not installed")
+
+    def setUp(self) -> None:
+        self.gateways: list[Gateway] = []
+        self.agents: list[Agent] = []
+        self.work = Path(tempfile.mkdtemp(prefix=f"espgw-e2e-{os.getpid()}-"))
+        self.addCleanup(shutil.rmtree, self.work, True)
+        self.t0 = time.monotonic()
+
+    def run(self, result=None):
+        if result is None:
+            return super().run(result)
+        before = len(result.failures) + len(result.errors)
+        super().run(result)
+        if len(result.failures) + len(result.errors) > before:
+            diag = "\n".join(g.diagnostics() for g in getattr(self, "gateways", []))
+            sys.stderr.write(f"\n==== diagnostics for {self.id()} ====\n{diag}\n"
+                             "==== end of diagnostics ====\n")
+        return result
+
+    def topology(self, queues: int = 1) -> Topology:
+        topo = Topology(next(_index), queues)
+        self.addCleanup(topo.destroy)
+        topo.create()
+        return topo
+
+    def gateway(self, topo: Topology, cores: list[int] | None = None,
+                start: bool = True) -> Gateway:
+        stats = self.work / "dataplane.sock"
+        cfg = self.work / "gw.toml"
+        cfg.write_text(gateway_config(topo, stats, cores or [0]))
+        cfg.chmod(0o600)
+        gw = Gateway(topo, cfg, stats)
+        self.gateways.append(gw)
+        self.addCleanup(self._stop_gateway, gw)
+        if start:
+            gw.start()
+        return gw
+
+    @staticmethod
+    def _stop_gateway(gw: Gateway) -> None:
+        if gw.running():
+            gw.stop(signal.SIGTERM, 5)
+
+    def agent(self, ns: str, *args: str, stdin: object = None, cpu: int | None = None) -> Agent:
+        a = Agent(ns, list(args), stdin, cpu)
+        self.agents.append(a)
+        self.addCleanup(a.kill)
+        return a
+
+    def sniffer(self, ns: str, iface: str, bpf: str, count: int, timeout: float) -> Agent:
+        return self.agent(ns, "sniff", "--iface", iface, "--filter", bpf, "--count", str(count),
+                          "--timeout", str(timeout)).ready()
+
+    def send_frames(self, ns: str, iface: str, frames: list[bytes], cpu: int | None = None,
+                    wait: bool = True) -> Agent:
+        a = self.agent(ns, "send", "--iface", iface, stdin=[f.hex() for f in frames], cpu=cpu)
+        if wait:
+            self.assertEqual(a.result(), {"sent": len(frames)})
+        return a
+
+    def fail_if(self, problems: list[str], what: str) -> None:
+        if problems:
+            shown = problems[:40] + ([f"... and {len(problems) - 40} more"]
+                                     if len(problems) > 40 else [])
+            self.fail(f"{what}: {len(problems)} problem(s):\n  " + "\n  ".join(shown))
+
+    # --------------------------------------------------------------------------------------------
+    # Shared checks.
+
+    def check_outbound_esp(self, frames: list[bytes], expected: dict[int, list[bytes]],
+                           ordered: bool = True) -> tuple[list[str], dict[int, list[dict]]]:
+        """ESP frames captured at the peer against the inner packets lan-host sent, per
+        transform (expected[n] = inner IP packets in sending order). ordered: sequence number k
+        must carry the k-th packet; otherwise any packet of the SA, each once.
+        Returns problems and the parsed frames per transform."""
+        problems: list[str] = []
+        sas = {t.n: scapy_sa(t, "out") for t in TRANSFORMS}
+        by_spi = {t.spi_out: t for t in TRANSFORMS}
+        parsed: dict[int, list[dict]] = {n: [] for n in expected}
+        seen: dict[int, set] = {n: set() for n in expected}
+        for i, fr in enumerate(frames):
+            try:
+                r = parse_wan_frame(fr)
+            except (struct.error, IndexError) as e:
+                problems.append(f"captured frame {i} does not parse ({e}): {fr[:64].hex()}")
+                continue
+            t = by_spi.get(r["spi"])
+            if t is None or t.n not in expected:
+                problems.append(f"captured frame {i}: unexpected SPI {r['spi']:#x}")
+                continue
+            where = f"transform {t.n} ({t.label}) frame {i} seq {r['seq']}"
+            errs = []
+            if r["eth_dst"] != mac(PEER_MAC) or r["eth_src"] != mac(WAN_MAC):
+                errs.append(f"Ethernet {r['eth_src'].hex(':')} -> {r['eth_dst'].hex(':')}, "
+                            f"expected {WAN_MAC} -> {PEER_MAC}")
+            if (r["src"], r["dst"]) != (GW_WAN_IP, PEER_IP):
+                errs.append(f"outer {r['src']} -> {r['dst']}, expected {GW_WAN_IP} -> {PEER_IP}")
+            if not r["hdr_ok"]:
+                errs.append("outer IPv4 header checksum is wrong")
+            if r["pad"].strip(b"\0"):
+                errs.append(f"{len(r['pad'])} bytes after the IP packet: {r['pad'].hex()}")
+            if t.encap:
+                if r["proto"] != 17 or r["udp"][:2] != (NATT, NATT):
+                    errs.append(f"expected UDP {NATT}->{NATT}, got protocol {r['proto']} "
+                                f"{r['udp']}")
+                elif r["udp"][2] != r["total"] - 20 or r["udp"][3] != 0:
+                    errs.append(f"UDP length/checksum {r['udp'][2:]}, expected "
+                                f"({r['total'] - 20}, 0)")
+            elif r["proto"] != 50:
+                errs.append(f"outer protocol {r['proto']}, expected 50 (ESP)")
+            if errs:
+                problems += [f"{where}: {e}" for e in errs]
+                continue
+            try:
+                inner = bytes(sas[t.n].decrypt(IP(r["ip"])))
+            except IPSecIntegrityError as e:
+                problems.append(f"{where}: scapy: ICV does not verify ({e})")
+                continue
+            except Exception as e:  # noqa: BLE001 - any scapy failure is a finding
+                problems.append(f"{where}: scapy cannot decrypt: {type(e).__name__}: {e}")
+                continue
+            r["inner"] = inner
+            parsed[t.n].append(r)
+            want_list = [minus_one_hop(p) for p in expected[t.n]]
+            if ordered:
+                k = r["seq"] - 1
+                if not 0 <= k < len(want_list):
+                    problems.append(f"{where}: sequence number out of range 1..{len(want_list)}")
+                    continue
+                if inner != want_list[k]:
+                    problems.append(f"{where}: decrypted packet is not packet {k} sent (TTL - 1):"
+                                    f" {first_diff(want_list[k], inner)}")
+            elif inner not in want_list:
+                problems.append(f"{where}: decrypted packet {inner[:48].hex()} was not sent")
+            if r["seq"] in seen[t.n]:
+                problems.append(f"{where}: sequence number used twice")
+            seen[t.n].add(r["seq"])
+        for n, lst in expected.items():
+            if len(seen[n]) != len(lst):
+                problems.append(f"transform {n} ({BY_N[n].label}): {len(seen[n])} distinct ESP "
+                                f"packets captured, {len(lst)} sent")
+        return problems, parsed
+
+
+# ------------------------------------------------------------------------------------------------
+
+
+class TestGateway(GatewayTestCase):
+
+    def test_1_esp_transforms_both_directions(self) -> None:
+        """Per transform: scapy ESP -> plaintext at lan-host byte for byte; lan-host
+        plaintext -> ESP at the peer that scapy decrypts to the exact packet; SA counters."""
+        topo = self.topology()
+        gw = self.gateway(topo)
+        rng = random.Random(4303)
+        sizes = [1, 64, 333, 1000, 1372]  # UDP payloads: IP packets of 29 .. 1400 bytes
+        ttls = [64, 2, 255, 17, 128]
+
+        # peer -> gateway: inner UDP 10.2.N.5 -> 10.1.0.10, dport 40000 + 10 N + j.
+        inbound: dict[int, list[bytes]] = {}
+        in_frames: list[bytes] = []
+        in_esp_bytes: dict[int, int] = {}
+        # First on SA t1-in (sequence number 1): an inner source outside its selector
+        # (10.2.2.0/24 belongs to transform 2); it must be dropped as selector_mismatch.
+        sa1 = scapy_sa(BY_N[1], "in")
+        stray = udp_packet("10.2.2.77", HOST_IP, 5099, 40010, b"outside the selector",
+                           ident=0x1FF)
+        stray_frame = ether(WAN_MAC, PEER_MAC) + bytes(sa1.encrypt(IP(stray)))
+        for t in TRANSFORMS:
+            sa = sa1 if t.n == 1 else scapy_sa(t, "in")
+            inbound[t.n] = []
+            in_esp_bytes[t.n] = 0
+            for j, size in enumerate(sizes):
+                ip = udp_packet(f"10.2.{t.n}.5", HOST_IP, 5000 + j, 40000 + 10 * t.n + j,
+                                rng.randbytes(size), ttl=ttls[j], ident=0x100 * t.n + j,
+                                df=j % 2 == 0, tos=[0, 0xB8, 0x20, 0, 0x48][j],
+                                zero_csum=j == 2)
+                inbound[t.n].append(ip)
+                esp = bytes(sa.encrypt(IP(ip)))
+                in_esp_bytes[t.n] += len(esp) - 20 - (8 if t.encap else 0)
+                in_frames.append(ether(WAN_MAC, PEER_MAC) + esp)
+        # lan-host -> gateway: UDP 10.1.0.10 -> 10.2.N.5 (frames from an AF_PACKET socket, so
+        # the exact bytes are known).
+        outbound: dict[int, list[bytes]] = {}
+        out_frames: list[bytes] = []
+        for t in TRANSFORMS:
+            outbound[t.n] = []
+            for j, size in enumerate(sizes):
+                ip = udp_packet(HOST_IP, f"10.2.{t.n}.5", 6000 + j, 7000 + 10 * t.n + j,
+                                rng.randbytes(size), ttl=ttls[j], ident=0x200 * t.n + j,
+                                df=j % 2 == 1, tos=[0x10, 0, 0xB8, 0x04, 0][j])
+                outbound[t.n].append(ip)
+                out_frames.append(ether(LAN_MAC, HOST_MAC) + ip)
+        # Interleave the transforms in both directions.
+        in_frames = [in_frames[k * len(sizes) + j] for j in range(len(sizes))
+                     for k in range(len(TRANSFORMS))]
+        out_frames = [out_frames[k * len(sizes) + j] for j in range(len(sizes))
+                      for k in range(len(TRANSFORMS))]
+        in_frames.insert(0, stray_frame)
+        n_in, n_out = len(in_frames), len(out_frames)
+        n_ok = n_in - 1  # inbound packets that must reach lan-host
+
+        ports = [40000 + 10 * t.n + j for t in TRANSFORMS for j in range(len(sizes))]
+        # Bound sockets: the kernel must accept every datagram (checksums!), and sends no port
+        # unreachable back through the tunnel.
+        listener = self.agent(topo.ns_host, "udp_listen", "--addr", HOST_IP, "--ports",
+                              ",".join(map(str, ports)), "--count", str(n_ok), "--timeout",
+                              "15").ready()
+        # The stray packet, if let through, would be the first to arrive: it is then among
+        # the n_ok frames captured and reported.
+        lan_cap = self.sniffer(topo.ns_host, topo.if_host, "udp and src net 10.2.0.0/16",
+                               n_ok, 15)
+        wan_cap = self.sniffer(topo.ns_peer, topo.if_peer,
+                               f"src host {GW_WAN_IP} and (ip proto 50 or udp port {NATT})",
+                               n_out, 15)
+        self.send_frames(topo.ns_peer, topo.if_peer, in_frames)
+        self.send_frames(topo.ns_host, topo.if_host, out_frames)
+        got_lan = [bytes.fromhex(h) for h in lan_cap.result()["frames"]]
+        got_wan = [bytes.fromhex(h) for h in wan_cap.result()["frames"]]
+        got_udp = listener.result()["datagrams"]
+
+        problems: list[str] = []
+        # Inbound: each frame at lan-host is exactly the inner packet, TTL - 1.
+        want = {}
+        for t in TRANSFORMS:
+            for j, ip in enumerate(inbound[t.n]):
+                want[ether(HOST_MAC, LAN_MAC) + minus_one_hop(ip)] = (t, j)
+        seen = set()
+        for fr in got_lan:
+            body = fr
+            if len(fr) == 60 and fr not in want:  # an Ethernet minimum-size pad is fine
+                total = struct.unpack("!H", fr[16:18])[0]
+                if not fr[14 + total:].strip(b"\0"):
+                    body = fr[:14 + total]
+            hit = want.get(body)
+            if hit is None:
+                near = [(t, j) for (w, (t, j)) in want.items() if w[14 + 12:14 + 20] ==
+                        body[14 + 12:14 + 20] and w[14 + 4:14 + 6] == body[14 + 4:14 + 6]]
+                if near:
+                    t, j = near[0]
+                    w = ether(HOST_MAC, LAN_MAC) + minus_one_hop(inbound[t.n][j])
+                    problems.append(f"inbound transform {t.n} ({t.label}) packet {j} arrived "
+                                    f"different: Ethernet {fr[:14].hex()} (expected "
+                                    f"{w[:14].hex()}), IP: {first_diff(w[14:], body[14:])}")
+                else:
+                    problems.append(f"unexpected frame at lan-host: {fr[:64].hex()}")
+                continue
+            if hit in seen:
+                problems.append(f"inbound transform {hit[0].n} packet {hit[1]} arrived twice")
+            seen.add(hit)
+        for t in TRANSFORMS:
+            for j in range(len(sizes)):
+                if (t, j) not in seen:
+                    problems.append(f"inbound transform {t.n} ({t.label}) packet {j} "
+                                    f"({len(inbound[t.n][j])} bytes) did not arrive at lan-host")
+        rx = {(d["src"], d["sport"], d["dport"], d["data"]) for d in got_udp}
+        for t in TRANSFORMS:
+            for j, ip in enumerate(inbound[t.n]):
+                key = (f"10.2.{t.n}.5", 5000 + j, 40000 + 10 * t.n + j, ip[28:].hex())
+                if key not in rx:
+                    problems.append(f"inbound transform {t.n} packet {j}: lan-host's UDP socket "
+                                    "did not receive it")
+        # Outbound: scapy decrypts every ESP packet to the exact packet sent, in order.
+        p2, parsed = self.check_outbound_esp(got_wan, outbound, ordered=True)
+        problems += p2
+        problems.insert(0, f"{len(got_lan)} frames at lan-host ({n_ok} expected), "
+                        f"{len(got_wan)} ESP frames at the peer ({n_out} expected)")
+
+        # Counters.
+        def done(st):
+            return (dig(st, "totals", "wan", "rx_frames") == n_in
+                    and dig(st, "totals", "lan", "rx_frames") == n_out
+                    and all(dig(sa_json(st, f"t{t.n}-out"), "counters", "pkts_encaps")
+                            == len(sizes) for t in TRANSFORMS))
+        st = gw.wait_stats(done)
+        s1 = sa_json(st, "t1-in")
+        # The stray packet: whether it counts as decrypted / verified is the gateway's choice;
+        # it is not decapsulated, and it is an error drop on its SA.
+        w1 = {"pkts_decaps": len(sizes), "bytes_decaps": sum(map(len, inbound[1])),
+              "recv_errors": 1}
+        got1 = {k: dig(s1, "counters", k) for k in w1}
+        if got1 != w1 or dig(s1, "drops", "errors") != {"selector_mismatch": 1}:
+            problems.append(f"SA t1-in counters {s1.get('counters')} drops {s1.get('drops')}: "
+                            f"expected {w1} and one selector_mismatch drop")
+        for t in TRANSFORMS:
+            s_out, s_in = sa_json(st, f"t{t.n}-out"), sa_json(st, f"t{t.n}-in")
+            want_out = {"pkts_encaps": len(sizes), "pkts_encrypt": len(sizes),
+                        "pkts_digest": len(sizes),
+                        "bytes_encaps": sum(map(len, outbound[t.n])),
+                        "bytes_esp": sum(r["esp_len"] for r in parsed[t.n]),
+                        "send_errors": 0}
+            want_in = {"pkts_decaps": len(sizes), "pkts_decrypt": len(sizes),
+                       "pkts_verify": len(sizes), "bytes_decaps": sum(map(len, inbound[t.n])),
+                       "bytes_esp": in_esp_bytes[t.n], "recv_errors": 0}
+            for name, s, w in ((f"t{t.n}-out", s_out, want_out), (f"t{t.n}-in", s_in, want_in)):
+                if name == "t1-in":
+                    continue  # above
+                c = s.get("counters")
+                if c != w:
+                    problems.append(f"SA {name} counters {c}, expected {w}")
+                if dig(s, "drops", "errors"):
+                    problems.append(f"SA {name} drops {s['drops']}")
+            if s_out.get("last_seq") != len(sizes):
+                problems.append(f"SA t{t.n}-out last_seq {s_out.get('last_seq')}, expected "
+                                f"{len(sizes)}")
+            top = len(sizes) + (1 if t.n == 1 else 0)
+            if s_in.get("highest_seq") != top:
+                problems.append(f"SA t{t.n}-in highest_seq {s_in.get('highest_seq')}, expected "
+                                f"{top}")
+            if s_out.get("spi") != f"{t.spi_out:#010x}" or s_in.get("spi") != f"{t.spi_in:#010x}":
+                problems.append(f"SA t{t.n} SPIs {s_out.get('spi')}/{s_in.get('spi')}")
+        tot = st.get("totals", {})
+        for port, rx_n, tx_n in (("wan", n_in, n_out), ("lan", n_out, n_ok)):
+            if dig(tot, port, "rx_frames") != rx_n or dig(tot, port, "tx_frames") != tx_n:
+                problems.append(f"totals.{port} {tot.get(port)}: expected rx_frames {rx_n}, "
+                                f"tx_frames {tx_n}")
+        if dig(tot, "drops", "errors") != {"selector_mismatch": 1}:
+            problems.append(f"totals.drops {tot.get('drops')}, expected only one "
+                            "selector_mismatch error")
+        n_plain = 1 + sum(len(sizes) for t in TRANSFORMS if not t.encap)
+        xw, xl = xdp_counters(st, topo.if_wan), xdp_counters(st, topo.if_lan)
+        if xw.get("esp") != n_plain or xw.get("esp_in_udp") != n_in - n_plain:
+            problems.append(f"XDP counters on the WAN port {xw}: expected esp {n_plain}, "
+                            f"esp_in_udp {n_in - n_plain}")
+        if xl.get("routed") != n_out:
+            problems.append(f"XDP counters on the LAN port {xl}: expected routed {n_out}")
+        if len(problems) > 1:
+            self.fail_if(problems, "ESP both directions")
+
+    def test_2_ike_and_nat_keepalive(self) -> None:
+        """IKE on 500 and on 4500 (non-ESP marker) reaches the gateway namespace's sockets; a
+        NAT keepalive does not and is counted by XDP."""
+        topo = self.topology()
+        gw = self.gateway(topo)
+        ike1 = bytes.fromhex("0123456789abcdef" "0000000000000000" "01100200") + b"ike-500" * 10
+        ike2 = b"\0\0\0\0" + bytes.fromhex("fedcba9876543210") + b"ike-4500" * 12
+        ike3 = b"\0\0\0\0" + b"after the keepalive"
+        listener = self.agent(topo.ns_gw, "udp_listen", "--addr", GW_WAN_IP, "--ports",
+                              f"500,{NATT}", "--count", "3", "--timeout", "10").ready()
+        # Kernel sockets in the peer namespace (tx checksum offload is off on its veth). The
+        # keepalive goes before the last IKE datagram: once that one arrived, a keepalive let
+        # through would have arrived too (same path, in order).
+        sends = [(500, 500, ike1), (NATT, NATT, ike2), (NATT, NATT, b"\xff"), (NATT, NATT, ike3)]
+        a = self.agent(topo.ns_peer, "udp_send", "--gap", "0.05", stdin=[
+            {"src": PEER_IP, "sport": s, "dst": GW_WAN_IP, "dport": d, "data": data.hex()}
+            for s, d, data in sends])
+        self.assertEqual(a.result(), {"sent": 4})
+        got = listener.result()["datagrams"]
+        want = [{"src": PEER_IP, "sport": s, "dport": d, "data": data.hex()}
+                for s, d, data in sends if data != b"\xff"]
+        problems = []
+        if got != want:
+            problems.append(f"the gateway namespace's UDP sockets received {got}, expected "
+                            f"{want}")
+        st = gw.wait_stats(lambda s: xdp_counters(s, topo.if_wan).get("ike") == 3
+                           and xdp_counters(s, topo.if_wan).get("nat_keepalive") == 1)
+        xw = xdp_counters(st, topo.if_wan)
+        want_x = {"ike": 3, "nat_keepalive": 1, "esp": 0, "esp_in_udp": 0}
+        got_x = {k: xw.get(k) for k in want_x}
+        if got_x != want_x:
+            problems.append(f"XDP counters on the WAN port {xw}: expected {want_x}")
+        if dig(st, "totals", "wan", "rx_frames") != 0:
+            problems.append(f"the data plane received WAN frames: {dig(st, 'totals', 'wan')}")
+        self.fail_if(problems, "IKE / NAT keepalive")
+
+    def test_3_df_too_big_gets_icmp_frag_needed(self) -> None:
+        """A DF packet that does not fit the WAN MTU after ESP gets ICMP fragmentation needed
+        with the largest inner size that fits (aes128gcm16, plain ESP, IPv4, MTU 1500: 1438)."""
+        topo = self.topology()
+        gw = self.gateway(topo)
+        t = BY_N[1]
+        fit = max(n for n in range(1300, WAN_MTU) if t.esp_overhead(n) <= WAN_MTU)
+        self.assertEqual(fit, 1438)  # the figure from the gateway's specification
+        rng = random.Random(1191)
+        big = udp_packet(HOST_IP, "10.2.1.9", 33000, 33001, rng.randbytes(fit + 1 - 28),
+                         ident=0x3001, df=True)
+        edge = udp_packet(HOST_IP, "10.2.1.9", 33000, 33002, rng.randbytes(fit - 28),
+                          ident=0x3002, df=True)
+        small = udp_packet(HOST_IP, "10.2.1.9", 33000, 33003, b"small", ident=0x3003, df=True)
+        icmp_cap = self.sniffer(topo.ns_host, topo.if_host, f"icmp and dst host {HOST_IP}", 1, 8)
+        wan_cap = self.sniffer(topo.ns_peer, topo.if_peer, f"src host {GW_WAN_IP} and ip proto 50",
+                               2, 8)
+        self.send_frames(topo.ns_host, topo.if_host,
+                         [ether(LAN_MAC, HOST_MAC) + p for p in (big, edge, small)])
+        icmp = [bytes.fromhex(h) for h in icmp_cap.result()["frames"]]
+        esp = [bytes.fromhex(h) for h in wan_cap.result()["frames"]]
+        problems = []
+        if len(icmp) != 1:
+            problems.append(f"{len(icmp)} ICMP messages at lan-host, expected 1")
+        else:
+            fr = icmp[0]
+            ip = fr[14:]
+            ihl = (ip[0] & 0xF) * 4
+            total = struct.unpack("!H", ip[2:4])[0]
+            ic = ip[ihl:total]
+            if fr[:14] != ether(HOST_MAC, LAN_MAC):
+                problems.append(f"ICMP Ethernet header {fr[:14].hex()}, expected "
+                                f"{ether(HOST_MAC, LAN_MAC).hex()}")
+            if (socket.inet_ntoa(ip[12:16]), socket.inet_ntoa(ip[16:20])) != (GW_LAN_IP,
+                                                                                HOST_IP):
+                problems.append(f"ICMP from {socket.inet_ntoa(ip[12:16])} to "
+                                f"{socket.inet_ntoa(ip[16:20])}, expected {GW_LAN_IP} -> "
+                                f"{HOST_IP}")
+            if csum(ip[:ihl]) != 0:
+                problems.append("ICMP's IPv4 header checksum is wrong")
+            if len(ic) < 8 + 28:
+                problems.append(f"ICMP message too short: {ic.hex()}")
+            else:
+                typ, code, _, unused, mtu = struct.unpack("!BBHHH", ic[:8])
+                if (typ, code) != (3, 4):
+                    problems.append(f"ICMP type {typ} code {code}, expected 3/4")
+                if mtu != fit or unused != 0:
+                    problems.append(f"ICMP next-hop MTU {mtu} (unused field {unused}), expected "
+                                    f"{fit}")
+                if csum(ic) != 0:
+                    problems.append("ICMP checksum is wrong")
+                quoted = ic[8:]
+                if quoted[:28] != big[:28]:
+                    problems.append(f"ICMP quotes {quoted[:28].hex()}, expected the original "
+                                    f"IP header + 8 bytes {big[:28].hex()}")
+                elif not big.startswith(quoted):
+                    problems.append(f"ICMP quotes {len(quoted)} bytes that are not a prefix of "
+                                    "the original packet")
+        # The one that fits exactly and the small one go through; the big one does not.
+        p2, parsed = self.check_outbound_esp(esp, {1: [edge, small]}, ordered=True)
+        problems += p2
+        if parsed[1] and parsed[1][0]["total"] != t.esp_overhead(fit):
+            problems.append(f"the {fit}-byte packet left as {parsed[1][0]['total']} bytes, "
+                            f"expected {t.esp_overhead(fit)}")
+        st = gw.wait_stats(lambda s: dig(s, "totals", "icmp_sent") == 1 and
+                           dig(sa_json(s, "t1-out"), "counters", "pkts_encaps") == 2)
+        if dig(st, "totals", "icmp_sent") != 1:
+            problems.append(f"totals.icmp_sent {dig(st, 'totals', 'icmp_sent')}, expected 1")
+        if dig(sa_json(st, "t1-out"), "counters", "pkts_encaps") != 2:
+            problems.append(f"SA t1-out counters {sa_json(st, 't1-out').get('counters')}, "
+                            "expected pkts_encaps 2")
+        self.fail_if(problems, "DF / fragmentation needed")
+
+    def test_4_two_workers_two_queues(self) -> None:
+        """cores [0, 1] on veths with two queues: both workers carry traffic in both directions
+        and every packet arrives intact."""
+        if (os.cpu_count() or 1) < 2:
+            self.skipTest("needs two CPUs")
+        topo = self.topology(queues=2)
+        # How the queue is chosen: veth hands a frame to the peer's RX queue with the index of
+        # the TX queue the sender used (XDP sees it as rx_queue_index). Without XPS the kernel
+        # picks the TX queue by flow hash (sockets and AF_PACKET alike), which spreads many flows
+        # only statistically. To make it deterministic, XPS maps TX queue i to CPU i on the
+        # sending veths (lan-host, peer), and every sender runs pinned (taskset) to CPU 0 or 1:
+        # senders on CPU i use TX queue i, so the gateway's worker i (RX queue i) gets them.
+        topo.set_xps(topo.ns_host, topo.if_host)
+        topo.set_xps(topo.ns_peer, topo.if_peer)
+        gw = self.gateway(topo, cores=[0, 1])
+        flows = 64
+        rng = random.Random(20)
+
+        # lan-host -> peer: kernel UDP sockets, one per flow (source port), destinations spread
+        # over the four transforms' subnets.
+        out_items = []
+        for i in range(flows):
+            n = 1 + i % 4
+            out_items.append({"src": HOST_IP, "sport": 20000 + i, "dst": f"10.2.{n}.{10 + i}",
+                              "dport": 30000 + i, "data": (f"flow {i} ".encode()
+                                                           + rng.randbytes(20 + 7 * i)).hex()})
+        # peer -> lan-host: scapy ESP, one flow per port, all four SAs.
+        in_frames: list[list[bytes]] = [[], []]
+        in_expect = {}
+        sas = {t.n: scapy_sa(t, "in") for t in TRANSFORMS}
+        for i in range(flows):
+            t = TRANSFORMS[i % 4]
+            payload = f"in {i} ".encode() + rng.randbytes(30 + 5 * i)
+            src = f"10.2.{t.n}.{100 + i}"
+            ip = udp_packet(src, HOST_IP, 5000 + i, 40000 + i, payload, ident=i)
+            in_expect[(src, 5000 + i, 40000 + i)] = payload.hex()
+            in_frames[i % 2].append(ether(WAN_MAC, PEER_MAC) + bytes(sas[t.n].encrypt(IP(ip))))
+
+        listener = self.agent(topo.ns_host, "udp_listen", "--addr", HOST_IP, "--ports",
+                              ",".join(str(40000 + i) for i in range(flows)), "--count",
+                              str(flows), "--timeout", "15").ready()
+        wan_cap = self.sniffer(topo.ns_peer, topo.if_peer,
+                               f"src host {GW_WAN_IP} and (ip proto 50 or udp port {NATT})",
+                               flows, 15)
+        senders = []
+        for cpu in (0, 1):
+            senders.append(self.agent(topo.ns_host, "udp_send", stdin=out_items[cpu::2],
+                                      cpu=cpu))
+            senders.append(self.send_frames(topo.ns_peer, topo.if_peer, in_frames[cpu], cpu=cpu,
+                                            wait=False))
+        for s in senders:
+            self.assertIn("sent", s.result())
+        got_udp = listener.result()["datagrams"]
+        got_wan = [bytes.fromhex(h) for h in wan_cap.result()["frames"]]
+
+        problems = []
+        got_in = {(d["src"], d["sport"], d["dport"]): d["data"] for d in got_udp}
+        if len(got_udp) != flows or got_in != in_expect:
+            missing = sorted(set(in_expect) - set(got_in))
+            wrong = sorted(k for k in got_in if k in in_expect and got_in[k] != in_expect[k])
+            problems.append(f"lan-host received {len(got_udp)} of {flows} datagrams; missing "
+                            f"{missing[:8]}, wrong payload {wrong[:8]}, unexpected "
+                            f"{sorted(set(got_in) - set(in_expect))[:8]}")
+        # Outbound: what the kernel of lan-host sent is not known byte for byte (IP ID), so
+        # check the decrypted packets' addresses, ports, payload, TTL 63 and checksums.
+        sas_out = {t.n: scapy_sa(t, "out") for t in TRANSFORMS}
+        by_spi = {t.spi_out: t for t in TRANSFORMS}
+        want_out = {(it["dst"], it["sport"], it["dport"]): it["data"] for it in out_items}
+        seen = {}
+        for k, fr in enumerate(got_wan):
+            r = parse_wan_frame(fr)
+            t = by_spi.get(r["spi"])
+            if t is None:
+                problems.append(f"ESP frame {k} with unknown SPI {r['spi']:#x}")
+                continue
+            try:
+                inner = bytes(sas_out[t.n].decrypt(IP(r["ip"])))
+            except Exception as e:  # noqa: BLE001
+                problems.append(f"ESP frame {k} (SPI {r['spi']:#x} seq {r['seq']}): scapy: "
+                                f"{type(e).__name__}: {e}")
+                continue
+            p = IP(inner)
+            key = (p.dst, p[UDP].sport, p[UDP].dport)
+            errs = []
+            if p.src != HOST_IP or key not in want_out:
+                errs.append(f"unexpected packet {p.src} -> {key}")
+            elif bytes(p[UDP].payload).hex() != want_out[key]:
+                errs.append("payload differs")
+            if not p.dst.startswith(f"10.2.{t.n}."):
+                errs.append(f"sent on the SA of transform {t.n}")
+            if p.ttl != 63:
+                errs.append(f"TTL {p.ttl}, expected 63")
+            if csum(inner[:20]) != 0 or not udp_checksum_ok(inner):
+                errs.append("IPv4 or UDP checksum wrong")
+            if key in seen:
+                errs.append("arrived twice")
+            seen[key] = r["seq"]
+            problems += [f"ESP frame {k} ({t.label}, seq {r['seq']}): {e}" for e in errs]
+        if len(seen) != flows:
+            problems.append(f"{len(seen)} of {flows} lan-host flows arrived at the peer; missing "
+                            f"{sorted(set(want_out) - set(seen))[:8]}")
+
+        st = gw.wait_stats(lambda s: dig(s, "totals", "wan", "rx_frames") == flows
+                           and dig(s, "totals", "lan", "rx_frames") == flows)
+        workers = st.get("workers") or []
+        if len(workers) != 2:
+            problems.append(f"{len(workers)} workers in the stats JSON, expected 2")
+        for w in workers:
+            for port in ("wan", "lan"):
+                if not dig(w, "counters", port, "rx_frames"):
+                    problems.append(f"worker {w.get('worker')} (core {w.get('core')}, queue "
+                                    f"{w.get('queue')}) received no {port.upper()} frames: "
+                                    f"{dig(w, 'counters', port)}")
+        for port in ("wan", "lan"):
+            if dig(st, "totals", port, "rx_frames") != flows:
+                problems.append(f"totals.{port}.rx_frames {dig(st, 'totals', port, 'rx_frames')}"
+                                f", expected {flows}")
+        per = flows // 4
+        for t in TRANSFORMS:
+            o = dig(sa_json(st, f"t{t.n}-out"), "counters", "pkts_encaps")
+            i = dig(sa_json(st, f"t{t.n}-in"), "counters", "pkts_decaps")
+            if (o, i) != (per, per):
+                problems.append(f"SA t{t.n}: pkts_encaps {o}, pkts_decaps {i}, expected {per}")
+        if dig(st, "totals", "drops", "errors"):
+            problems.append(f"totals.drops.errors {st['totals']['drops']['errors']}")
+        self.fail_if(problems, "two workers")
+
+    def test_5_clean_stop_and_sigkill(self) -> None:
+        """SIGTERM: exit 0 within seconds, final JSON on stdout, XDP detached, stats socket
+        removed. SIGKILL: no XDP program left behind; a new start on the same ports works."""
+        topo = self.topology()
+        gw = self.gateway(topo)
+        sa = scapy_sa(BY_N[1], "in")
+        problems: list[str] = []
+
+        def one_packet(k: int) -> None:
+            ip = udp_packet("10.2.1.5", HOST_IP, 5555, 41000 + k, f"packet {k}".encode(),
+                            ident=k)
+            cap = self.sniffer(topo.ns_host, topo.if_host, "udp and src net 10.2.0.0/16", 1, 5)
+            self.send_frames(topo.ns_peer, topo.if_peer,
+                             [ether(WAN_MAC, PEER_MAC) + bytes(sa.encrypt(IP(ip)))])
+            frames = cap.result()["frames"]
+            want = (ether(HOST_MAC, LAN_MAC) + minus_one_hop(ip)).hex()
+            if frames != [want]:
+                problems.append(f"packet {k}: lan-host captured {frames}, expected [{want}]")
+
+        for ifname in (topo.if_wan, topo.if_lan):
+            if topo.xdp_attached(ifname) is None:
+                problems.append(f"no XDP program on {ifname} while the gateway runs")
+        if not gw.stats_path.exists():
+            problems.append(f"stats socket {gw.stats_path} missing while the gateway runs")
+        one_packet(1)
+        gw.wait_stats(lambda s: dig(s, "totals", "wan", "rx_frames") == 1, 3)
+        rc, out, dt = gw.stop(signal.SIGTERM, 10)
+        if rc != 0 or dt > 5:
+            problems.append(f"SIGTERM: exit status {rc} after {dt:.2f} s, expected 0 within 5 s")
+        try:
+            final = json.loads(out)
+            if dig(final, "totals", "wan", "rx_frames") != 1 or \
+                    dig(sa_json(final, "t1-in"), "counters", "pkts_decaps") != 1:
+                problems.append(f"final counters do not show the one packet: totals "
+                                f"{final.get('totals')}, SA t1-in {sa_json(final, 't1-in')}")
+        except json.JSONDecodeError as e:
+            problems.append(f"stdout after SIGTERM is not JSON ({e}): {out[:500]!r}")
+        for ifname in (topo.if_wan, topo.if_lan):
+            line = topo.xdp_attached(ifname)
+            if line is not None:
+                problems.append(f"after SIGTERM an XDP program is still on {ifname}: {line}")
+        if gw.stats_path.exists():
+            problems.append(f"after SIGTERM the stats socket {gw.stats_path} still exists")
+        self.fail_if(problems, "clean stop")
+
+        # SIGKILL: the kernel must take the XDP programs away with the process (bpf_link).
+        gw.start()
+        rc, _, dt = gw.stop(signal.SIGKILL, 10)
+        if rc != -signal.SIGKILL:
+            problems.append(f"SIGKILL: exit status {rc}")
+        deadline = time.monotonic() + 3
+        while time.monotonic() < deadline and any(topo.xdp_attached(i) for i in
+                                                  (topo.if_wan, topo.if_lan)):
+            time.sleep(0.1)
+        for ifname in (topo.if_wan, topo.if_lan):
+            line = topo.xdp_attached(ifname)
+            if line is not None:
+                problems.append(f"after SIGKILL an XDP program is still on {ifname}: {line}")
+        # A new gateway on the same interfaces (and the stale stats socket) works.
+        gw.start()
+        one_packet(2)
+        rc, out, dt = gw.stop(signal.SIGTERM, 10)
+        if rc != 0:
+            problems.append(f"restarted gateway: exit status {rc} on SIGTERM")
+        for ifname in (topo.if_wan, topo.if_lan):
+            if topo.xdp_attached(ifname) is not None:
+                problems.append(f"after the second SIGTERM an XDP program is on {ifname}")
+        self.fail_if(problems, "SIGKILL and restart")
+
+
+if __name__ == "__main__":
+    unittest.main(verbosity=2)
