@@ -71,6 +71,14 @@ drop_reasons! {
     SeqExhausted = "seq_exhausted", true, "outbound sequence numbers exhausted; the SA must be rekeyed";
     /// Outer IP fragment of an ESP packet.
     OuterFragment = "outer_fragment", true, "ESP arrived as outer IP fragments (path MTU problem between the peers)";
+    /// Outer fragments of one datagram overlapped (or a fragment was repeated).
+    FragmentInvalid = "fragment_invalid", true, "outer IP fragments overlap or repeat; the datagram was dropped";
+    /// A reassembled datagram would not fit a frame.
+    FragmentTooBig = "fragment_too_big", true, "outer IP fragments add up to more than a frame holds (1760 bytes)";
+    /// Too many datagrams in reassembly at once.
+    FragmentTableFull = "fragment_table_full", true, "too many fragmented ESP datagrams in reassembly at once";
+    /// A datagram's fragments did not all arrive in time.
+    FragmentTimeout = "fragment_timeout", true, "not all outer IP fragments of an ESP packet arrived within 2 s";
     /// No policy matched this LAN packet (the default action is discard).
     NoPolicy = "no_policy", true, "no security policy matches the packet and the default action is discard";
     /// A policy with action discard matched.

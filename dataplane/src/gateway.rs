@@ -10,11 +10,12 @@
 //! final counters are printed.
 
 use crate::config::{self, Config, PortConfig, PortId, XdpMode};
-use crate::counters::{DropReason, WorkerCounters};
+use crate::counters::{DropCounts, DropReason, WorkerCounters};
 use crate::netlink::{self, KernelNextHops, PortLink};
 use crate::nexthop::NextHops;
 use crate::pipeline::{Frame, Network, Pipeline, Verdict};
 use crate::policy::Prefix;
+use crate::reassembly::{Outcome, Reassembler, ReassemblyStats};
 use crate::sadb::SaDb;
 use crate::xdp::{AttachMode, PortRole, XdpPort};
 use crate::xsk::{self, XskWorker};
@@ -129,6 +130,7 @@ struct WorkerStats {
     counters: WorkerCounters,
     sockets: Vec<serde_json::Value>,
     idle_polls: u64,
+    reassembly: ReassemblyStats,
 }
 
 struct Shared {
@@ -160,6 +162,7 @@ impl Shared {
                     "counters": w.counters.to_json(),
                     "sockets": w.sockets,
                     "idle_polls": w.idle_polls,
+                    "reassembly": w.reassembly,
                 })
             })
             .collect();
@@ -611,6 +614,9 @@ fn worker(
     let mut descs: Vec<XdpDesc> = Vec::with_capacity(batch);
     let mut out: [Vec<XdpDesc>; 2] = [Vec::with_capacity(batch), Vec::with_capacity(batch)];
     let mut verdicts = vec![Verdict::Drop(DropReason::Unsupported); batch];
+    let mut extra = DropCounts::default();
+    let mut reasm = Reassembler::new();
+    let reassemble = !shared.net.forward_only;
     let mut tx_full = 0u64;
     let mut bad_desc = 0u64;
     let mut no_host = 0u64;
@@ -639,7 +645,30 @@ fn worker(
                 let mut bases: ArrayVec<u64, MAX_BATCH> = ArrayVec::new();
                 for (d, b) in descs.iter().zip(bufs) {
                     let base = d.addr - d.addr % u64::from(xsk::FRAME_SIZE);
-                    match b.and_then(|(buf, off, len)| Frame::new(buf, off, len)) {
+                    let Some((buf, off, len)) = b else {
+                        bad_desc += 1;
+                        to_free.push(base);
+                        continue;
+                    };
+                    // Outer fragments of ESP are put back together before the pipeline.
+                    let (off, len) = if reassemble && port == PortId::Wan {
+                        match reasm.push(buf, off, len, now) {
+                            Outcome::NotFragment => (off, len),
+                            Outcome::Complete(at, n) => (at, n),
+                            Outcome::Held => {
+                                to_free.push(base);
+                                continue;
+                            }
+                            Outcome::Drop(r) => {
+                                extra.add(r, 1);
+                                to_free.push(base);
+                                continue;
+                            }
+                        }
+                    } else {
+                        (off, len)
+                    };
+                    match Frame::new(buf, off, len) {
                         Some(f) => {
                             frames.push(f);
                             bases.push(base);
@@ -692,13 +721,21 @@ fn worker(
         }
         if last_publish.elapsed() >= Duration::from_millis(100) {
             last_publish = Instant::now();
+            reasm.expire(now_ns());
+            extra.add(DropReason::FragmentTimeout, reasm.take_timeout_drops());
+            extra.add(DropReason::TxRingFull, std::mem::take(&mut tx_full));
+            extra.add(DropReason::NoHostPath, std::mem::take(&mut no_host));
+            extra.add(DropReason::Malformed, std::mem::take(&mut bad_desc));
             publish(
-                shared, idx, core, queue, &pipe, &xw, tx_full, no_host, bad_desc, idle_polls,
+                shared, idx, core, queue, &pipe, &xw, &extra, &reasm, idle_polls,
             );
         }
     }
+    extra.add(DropReason::TxRingFull, tx_full);
+    extra.add(DropReason::NoHostPath, no_host);
+    extra.add(DropReason::Malformed, bad_desc);
     publish(
-        shared, idx, core, queue, &pipe, &xw, tx_full, no_host, bad_desc, idle_polls,
+        shared, idx, core, queue, &pipe, &xw, &extra, &reasm, idle_polls,
     );
     Ok(())
 }
@@ -711,15 +748,14 @@ fn publish(
     queue: u32,
     pipe: &Pipeline,
     xw: &XskWorker,
-    tx_full: u64,
-    no_host: u64,
-    bad_desc: u64,
+    extra: &DropCounts,
+    reasm: &Reassembler,
     idle_polls: u64,
 ) {
     let mut counters = pipe.counters().clone();
-    counters.drops.add(DropReason::TxRingFull, tx_full);
-    counters.drops.add(DropReason::NoHostPath, no_host);
-    counters.drops.add(DropReason::Malformed, bad_desc);
+    for r in DropReason::ALL {
+        counters.drops.add(*r, extra.get(*r));
+    }
     let sockets = xw
         .sockets()
         .iter()
@@ -742,6 +778,7 @@ fn publish(
             counters,
             sockets,
             idle_polls,
+            reassembly: reasm.stats,
         };
     }
 }

@@ -20,6 +20,7 @@ pub mod icmp;
 pub mod netlink;
 pub mod nexthop;
 pub mod pipeline;
+pub mod reassembly;
 pub mod policy;
 pub mod replay;
 pub mod sa;

@@ -1178,3 +1178,50 @@ class TestGateway(GatewayTestCase):
 
 if __name__ == "__main__":
     unittest.main(verbosity=2)
+
+
+class TestOuterFragments(GatewayTestCase):
+
+    def test_6_fragmented_esp_is_reassembled(self) -> None:
+        """ESP that a smaller-MTU link between the peers cut into outer IPv4 fragments (sent
+        out of order, interleaved between two datagrams) is reassembled by the worker and
+        decrypted; an incomplete datagram and overlapping fragments are dropped and named."""
+        from scapy.layers.inet import fragment
+        topo = self.topology()
+        gw = self.gateway(topo)
+        t = BY_N[1]
+        sa = scapy_sa(t, "in")
+        rng = random.Random(791)
+        inner = [udp_packet(f"10.2.{t.n}.5", HOST_IP, 5000 + j, 41000 + j,
+                            rng.randbytes(1200), ident=0x300 + j) for j in range(2)]
+        esp = [sa.encrypt(IP(p)) for p in inner]
+        for k, e in enumerate(esp):
+            e[IP].id = 0x4000 + k
+        frags = [fragment(e, fragsize=512) for e in esp]
+        self.assertTrue(all(len(f) == 3 for f in frags))
+        w = lambda p: ether(WAN_MAC, PEER_MAC) + bytes(p)  # noqa: E731
+        order = [frags[0][2], frags[1][1], frags[0][0], frags[1][2], frags[1][0], frags[0][1]]
+        # A third datagram that never completes, and a fourth with an overlapping fragment.
+        lost = sa.encrypt(IP(udp_packet(f"10.2.{t.n}.5", HOST_IP, 5009, 41009, b"x" * 1200)))
+        lost[IP].id = 0x4002
+        lost_frags = fragment(lost, fragsize=512)
+        bad = sa.encrypt(IP(udp_packet(f"10.2.{t.n}.5", HOST_IP, 5008, 41008, b"y" * 1200)))
+        bad[IP].id = 0x4003
+        bad_frags = fragment(bad, fragsize=512)
+        frames = [w(f) for f in order] + [w(lost_frags[0])] + \
+            [w(bad_frags[0]), w(bad_frags[0])]
+        cap = self.sniffer(topo.ns_host, topo.if_host, "udp and src net 10.2.0.0/16", 2, 8)
+        self.send_frames(topo.ns_peer, topo.if_peer, frames)
+        got = [bytes.fromhex(h) for h in cap.result()["frames"]]
+        want = {ether(HOST_MAC, LAN_MAC) + minus_one_hop(p) for p in inner}
+        self.assertEqual(set(got), want, "both reassembled datagrams arrive, exactly")
+        time.sleep(2.5)  # the incomplete datagram times out (2 s)
+        st = gw.stats()
+        w0 = dig(st, "workers", default=[{}])[0]
+        self.assertEqual(dig(w0, "reassembly", "reassembled"), 2, json.dumps(w0))
+        self.assertEqual(dig(w0, "reassembly", "fragments"), 9, json.dumps(w0))
+        errors = dig(st, "totals", "drops", "errors", default={})
+        self.assertEqual(errors.get("fragment_invalid"), 1, errors)
+        self.assertEqual(errors.get("fragment_timeout"), 1, errors)
+        self.assertEqual(xdp_counters(st, topo.if_wan).get("esp_fragment"), 9)
+        self.assertEqual(dig(sa_json(st, "t1-in"), "counters", "pkts_decaps"), 2)
