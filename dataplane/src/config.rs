@@ -149,6 +149,9 @@ pub struct DataplaneConfig {
     /// Clamp the MSS option of TCP SYNs crossing the gateway to this value (Cisco's
     /// `ip tcp adjust-mss`), or leave them alone.
     pub tcp_mss: Option<u16>,
+    /// Fragment IPv4 packets without DF that do not fit their tunnel before encryption
+    /// (default) instead of dropping them.
+    pub prefragment: bool,
     /// `ipsec` (the gateway) or `forward` (a plain router over the same path, no IPsec: the
     /// forwarding benchmark's baseline).
     pub forward_only: bool,
@@ -262,6 +265,7 @@ struct RawDataplane {
     lan: Option<RawPort>,
     tcp_mss: Option<Spanned<u64>>,
     mode: Option<Spanned<String>>,
+    fragmentation: Option<Spanned<String>>,
     cores: Option<Spanned<Vec<u64>>>,
     batch_size: Option<Spanned<u64>>,
     umem_frames: Option<Spanned<u64>>,
@@ -811,6 +815,20 @@ pub fn parse_str(text: &str, file: &Path) -> Result<Config, ConfigError> {
         .as_ref()
         .and_then(|v| small::<u16>(&mut ctx, v, "tcp_mss", 536..=9176));
     let run = run_config(&mut ctx, d);
+    let prefragment = match &d.fragmentation {
+        None => true,
+        Some(m) => match m.get_ref().as_str() {
+            "before-encryption" => true,
+            "off" => false,
+            other => {
+                ctx.error(
+                    &m.span(),
+                    format!("fragmentation {other:?} must be before-encryption or off"),
+                );
+                true
+            }
+        },
+    };
     let forward_only = match &d.mode {
         None => false,
         Some(m) => {
@@ -836,6 +854,7 @@ pub fn parse_str(text: &str, file: &Path) -> Result<Config, ConfigError> {
         wan,
         lan,
         tcp_mss,
+        prefragment,
         forward_only,
         run,
     };
@@ -1405,6 +1424,7 @@ pub fn instantiate(
     let mut net = Network::new(d.wan, d.lan, d.encap_port, Box::new(next_hops));
     net.tcp_mss = d.tcp_mss;
     net.forward_only = d.forward_only;
+    net.prefragment = d.prefragment;
     Ok((db, Arc::new(net)))
 }
 

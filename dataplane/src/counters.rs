@@ -215,6 +215,9 @@ pub struct WorkerCounters {
     pub burst_frames: u64,
     /// ICMP errors sent (fragmentation needed / packet too big).
     pub icmp_sent: u64,
+    /// Packets fragmented before encryption (each counted once; its fragments are counted as
+    /// they are processed).
+    pub prefragmented: u64,
     /// Drops per reason.
     pub drops: DropCounts,
 }
@@ -236,6 +239,7 @@ impl WorkerCounters {
         self.bursts += o.bursts;
         self.burst_frames += o.burst_frames;
         self.icmp_sent += o.icmp_sent;
+        self.prefragmented += o.prefragmented;
         for r in DropReason::ALL {
             self.drops.add(*r, o.drops.get(*r));
         }
@@ -250,6 +254,7 @@ impl WorkerCounters {
             "from_host": self.from_host,
             "bursts": self.bursts,
             "icmp_sent": self.icmp_sent,
+            "prefragmented": self.prefragmented,
             "mean_burst_fill": if self.bursts == 0 { 0.0 } else { self.burst_frames as f64 / self.bursts as f64 },
             "drops": self.drops.to_json(),
         })

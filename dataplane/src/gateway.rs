@@ -11,6 +11,7 @@
 
 use crate::config::{self, Config, PortConfig, PortId, XdpMode};
 use crate::counters::{DropCounts, DropReason, WorkerCounters};
+use crate::icmp;
 use crate::netlink::{self, KernelNextHops, PortLink};
 use crate::nexthop::NextHops;
 use crate::pipeline::{Frame, Network, Pipeline, Verdict};
@@ -371,6 +372,7 @@ pub fn run(
     );
     net.tcp_mss = d.tcp_mss;
     net.forward_only = d.forward_only;
+    net.prefragment = d.prefragment;
     let shared = Arc::new(Shared {
         db: Arc::clone(&db),
         net: Arc::new(net),
@@ -612,14 +614,9 @@ fn worker(
     let batch = (rc.batch_size as usize).clamp(1, MAX_BATCH);
     let ports: Vec<PortId> = xw.sockets().iter().map(|s| s.port).collect();
     let mut descs: Vec<XdpDesc> = Vec::with_capacity(batch);
-    let mut out: [Vec<XdpDesc>; 2] = [Vec::with_capacity(batch), Vec::with_capacity(batch)];
-    let mut verdicts = vec![Verdict::Drop(DropReason::Unsupported); batch];
-    let mut extra = DropCounts::default();
+    let mut io = BurstIo::new(batch);
     let mut reasm = Reassembler::new();
     let reassemble = !shared.net.forward_only;
-    let mut tx_full = 0u64;
-    let mut bad_desc = 0u64;
-    let mut no_host = 0u64;
     let mut idle = 0u32;
     let mut idle_polls = 0u64;
     let mut last_publish = Instant::now();
@@ -635,76 +632,10 @@ fn worker(
             }
             got += descs.len();
             let now = now_ns();
-            out[0].clear();
-            out[1].clear();
-            let mut to_free: ArrayVec<u64, MAX_BATCH> = ArrayVec::new();
-            {
-                let mut bufs = Vec::new();
-                xw.frames_mut(&descs, &mut bufs);
-                let mut frames: ArrayVec<Frame<'_>, MAX_BATCH> = ArrayVec::new();
-                let mut bases: ArrayVec<u64, MAX_BATCH> = ArrayVec::new();
-                for (d, b) in descs.iter().zip(bufs) {
-                    let base = d.addr - d.addr % u64::from(xsk::FRAME_SIZE);
-                    let Some((buf, off, len)) = b else {
-                        bad_desc += 1;
-                        to_free.push(base);
-                        continue;
-                    };
-                    // Outer fragments of ESP are put back together before the pipeline.
-                    let (off, len) = if reassemble && port == PortId::Wan {
-                        match reasm.push(buf, off, len, now) {
-                            Outcome::NotFragment => (off, len),
-                            Outcome::Complete(at, n) => (at, n),
-                            Outcome::Held => {
-                                to_free.push(base);
-                                continue;
-                            }
-                            Outcome::Drop(r) => {
-                                extra.add(r, 1);
-                                to_free.push(base);
-                                continue;
-                            }
-                        }
-                    } else {
-                        (off, len)
-                    };
-                    match Frame::new(buf, off, len) {
-                        Some(f) => {
-                            frames.push(f);
-                            bases.push(base);
-                        }
-                        None => {
-                            bad_desc += 1;
-                            to_free.push(base);
-                        }
-                    }
-                }
-                let n = frames.len();
-                pipe.process(port, &mut frames, &mut verdicts[..n], now);
-                for ((f, v), base) in frames.iter().zip(&verdicts[..n]).zip(&bases) {
-                    let desc = XdpDesc {
-                        addr: base + f.start() as u64,
-                        len: f.len() as u32,
-                        options: 0,
-                    };
-                    match v {
-                        Verdict::TxWan => out[0].push(desc),
-                        Verdict::TxLan => out[1].push(desc),
-                        Verdict::ToHost => {
-                            no_host += 1;
-                            to_free.push(*base);
-                        }
-                        Verdict::Drop(_) => to_free.push(*base),
-                    }
-                }
-            }
-            for a in to_free {
-                xw.release(a);
-            }
-            for (o, list) in out.iter().enumerate() {
-                if !list.is_empty() {
-                    tx_full += xw.transmit(o, list) as u64;
-                }
+            let r = (reassemble && port == PortId::Wan).then_some(&mut reasm);
+            io.run(&mut xw, &mut pipe, port, &descs, now, r);
+            if !io.frag_jobs.is_empty() {
+                io.fragment(&mut xw, &mut pipe, port, now);
             }
         }
         if got == 0 {
@@ -722,22 +653,198 @@ fn worker(
         if last_publish.elapsed() >= Duration::from_millis(100) {
             last_publish = Instant::now();
             reasm.expire(now_ns());
-            extra.add(DropReason::FragmentTimeout, reasm.take_timeout_drops());
-            extra.add(DropReason::TxRingFull, std::mem::take(&mut tx_full));
-            extra.add(DropReason::NoHostPath, std::mem::take(&mut no_host));
-            extra.add(DropReason::Malformed, std::mem::take(&mut bad_desc));
+            io.extra
+                .add(DropReason::FragmentTimeout, reasm.take_timeout_drops());
             publish(
-                shared, idx, core, queue, &pipe, &xw, &extra, &reasm, idle_polls,
+                shared, idx, core, queue, &pipe, &xw, &io.extra, &reasm, idle_polls,
             );
         }
     }
-    extra.add(DropReason::TxRingFull, tx_full);
-    extra.add(DropReason::NoHostPath, no_host);
-    extra.add(DropReason::Malformed, bad_desc);
     publish(
-        shared, idx, core, queue, &pipe, &xw, &extra, &reasm, idle_polls,
+        shared, idx, core, queue, &pipe, &xw, &io.extra, &reasm, idle_polls,
     );
     Ok(())
+}
+
+/// A worker's per-burst scratch (allocated once) and the drops it counts beside the pipeline.
+struct BurstIo {
+    verdicts: Vec<Verdict>,
+    /// TX descriptors per port (0 = WAN, 1 = LAN).
+    out: [Vec<XdpDesc>; 2],
+    /// Drops outside the pipeline: full TX rings, fragments, bad descriptors, host-bound.
+    extra: DropCounts,
+    /// Frames to fragment before encryption: (frame, packet start, length, largest piece).
+    frag_jobs: Vec<(u64, usize, usize, u16)>,
+    scratch: Vec<u8>,
+}
+
+/// Where pieces of a fragmented packet are written in their frames (the kernel's RX offset,
+/// so the ESP headers fit in front as for received frames).
+const PIECE_AT: u64 = 256;
+
+impl BurstIo {
+    fn new(batch: usize) -> BurstIo {
+        BurstIo {
+            verdicts: vec![Verdict::Drop(DropReason::Unsupported); batch.max(64)],
+            out: [Vec::with_capacity(batch), Vec::with_capacity(batch)],
+            extra: DropCounts::default(),
+            frag_jobs: Vec::with_capacity(batch),
+            scratch: Vec::with_capacity(xsk::FRAME_SIZE as usize),
+        }
+    }
+
+    /// Run received frames through the pipeline and queue the results for transmission.
+    fn run(
+        &mut self,
+        xw: &mut XskWorker,
+        pipe: &mut Pipeline,
+        port: PortId,
+        descs: &[XdpDesc],
+        now: u64,
+        mut reasm: Option<&mut Reassembler>,
+    ) {
+        self.out[0].clear();
+        self.out[1].clear();
+        let mut to_free: ArrayVec<u64, MAX_BATCH> = ArrayVec::new();
+        {
+            let mut bufs = Vec::new();
+            xw.frames_mut(descs, &mut bufs);
+            let mut frames: ArrayVec<Frame<'_>, MAX_BATCH> = ArrayVec::new();
+            let mut bases: ArrayVec<u64, MAX_BATCH> = ArrayVec::new();
+            for (d, b) in descs.iter().zip(bufs) {
+                let base = d.addr - d.addr % u64::from(xsk::FRAME_SIZE);
+                let Some((buf, off, len)) = b else {
+                    self.extra.add(DropReason::Malformed, 1);
+                    to_free.push(base);
+                    continue;
+                };
+                // Outer fragments of ESP are put back together before the pipeline.
+                let (off, len) = match reasm.as_deref_mut() {
+                    None => (off, len),
+                    Some(r) => match r.push(buf, off, len, now) {
+                        Outcome::NotFragment => (off, len),
+                        Outcome::Complete(at, n) => (at, n),
+                        Outcome::Held => {
+                            to_free.push(base);
+                            continue;
+                        }
+                        Outcome::Drop(reason) => {
+                            self.extra.add(reason, 1);
+                            to_free.push(base);
+                            continue;
+                        }
+                    },
+                };
+                match Frame::new(buf, off, len) {
+                    Some(f) => {
+                        frames.push(f);
+                        bases.push(base);
+                    }
+                    None => {
+                        self.extra.add(DropReason::Malformed, 1);
+                        to_free.push(base);
+                    }
+                }
+            }
+            let n = frames.len().min(self.verdicts.len());
+            pipe.process(port, &mut frames[..n], &mut self.verdicts[..n], now);
+            for ((f, v), base) in frames.iter().zip(&self.verdicts[..n]).zip(&bases) {
+                let desc = XdpDesc {
+                    addr: base + f.start() as u64,
+                    len: f.len() as u32,
+                    options: 0,
+                };
+                match v {
+                    Verdict::TxWan => self.out[0].push(desc),
+                    Verdict::TxLan => self.out[1].push(desc),
+                    Verdict::ToHost => {
+                        self.extra.add(DropReason::NoHostPath, 1);
+                        to_free.push(*base);
+                    }
+                    Verdict::Drop(_) => to_free.push(*base),
+                    Verdict::Fragment(max) => {
+                        self.frag_jobs.push((*base, f.start(), f.len(), *max));
+                    }
+                }
+            }
+        }
+        for a in to_free {
+            xw.release(a);
+        }
+        for (o, list) in self.out.iter().enumerate() {
+            if !list.is_empty() {
+                let lost = xw.transmit(o, list) as u64;
+                self.extra.add(DropReason::TxRingFull, lost);
+            }
+        }
+    }
+
+    /// Fragmentation before encryption: split each packet the pipeline marked into IPv4
+    /// fragments in fresh frames and run those through the pipeline.
+    fn fragment(&mut self, xw: &mut XskWorker, pipe: &mut Pipeline, port: PortId, now: u64) {
+        let jobs = std::mem::take(&mut self.frag_jobs);
+        for &(base, start, len, max) in &jobs {
+            self.scratch.clear();
+            if let Some(frame) = xw.frame(base)
+                && let Some(pkt) = frame.get(start..start + len)
+            {
+                self.scratch.extend_from_slice(pkt);
+            }
+            xw.release(base);
+            let eth_len = match self.scratch.get(12..14) {
+                Some([0x81, 0x00]) | Some([0x88, 0xa8]) => 18,
+                _ => 14,
+            };
+            let Some(ip) = self.scratch.get(eth_len..) else {
+                self.extra.add(DropReason::Truncated, 1);
+                continue;
+            };
+            let eth = &self.scratch[..eth_len];
+            let mut pieces: ArrayVec<XdpDesc, 64> = ArrayVec::new();
+            let mut lost = 0;
+            let n = icmp::fragment_v4(ip, usize::from(max), |h, d| {
+                let Some(b) = xw.alloc() else {
+                    lost += 1;
+                    return;
+                };
+                let at = PIECE_AT as usize;
+                let total = eth.len() + h.len() + d.len();
+                match xw.frame(b).and_then(|f| f.get_mut(at..at + total)) {
+                    Some(dst) if !pieces.is_full() => {
+                        dst[..eth.len()].copy_from_slice(eth);
+                        dst[eth.len()..eth.len() + h.len()].copy_from_slice(h);
+                        dst[eth.len() + h.len()..].copy_from_slice(d);
+                        pieces.push(XdpDesc {
+                            addr: b + PIECE_AT,
+                            len: total as u32,
+                            options: 0,
+                        });
+                    }
+                    _ => {
+                        xw.release(b);
+                        lost += 1;
+                    }
+                }
+            });
+            if n == 0 || lost > 0 {
+                // All or nothing: a datagram missing a fragment is useless to the receiver.
+                for p in &pieces {
+                    xw.release(p.addr);
+                }
+                let reason = if n == 0 {
+                    DropReason::MtuExceeded
+                } else {
+                    DropReason::NoBufferSpace
+                };
+                self.extra.add(reason, 1);
+                continue;
+            }
+            self.run(xw, pipe, port, &pieces, now, None);
+        }
+        // Pieces are never fragmented again (each fits), so no new jobs were queued.
+        self.frag_jobs = jobs;
+        self.frag_jobs.clear();
+    }
 }
 
 #[allow(clippy::too_many_arguments)]

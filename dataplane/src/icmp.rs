@@ -1,7 +1,8 @@
 //! Packets the gateway writes itself: ICMP "fragmentation needed" / ICMPv6 "packet too big"
 //! answers when a DF packet will not fit the tunnel (seed 004: the PMTU problem behind most
-//! "the VPN is up but large transfers hang" calls), and TCP MSS clamping of SYNs (Cisco's
-//! `ip tcp adjust-mss`). Both work in place on the frame's buffer.
+//! "the VPN is up but large transfers hang" calls), IPv4 fragments of packets without DF that
+//! do not fit (fragmentation before encryption), and TCP MSS clamping of SYNs (Cisco's
+//! `ip tcp adjust-mss`).
 
 use espgw_wire::checksum;
 use std::net::IpAddr;
@@ -114,6 +115,45 @@ pub fn too_big(
         icmp[2..4].copy_from_slice(&(!sum).to_be_bytes());
         Some((at, total))
     }
+}
+
+/// Split the IPv4 packet `ip` (a 20-byte header, no options) into fragments of at most
+/// `max_ip` bytes each (RFC 791: payload pieces in multiples of 8 bytes, except the last; a
+/// packet that is itself a fragment keeps its offset and its MF on the last piece). For each
+/// piece `emit(header, payload)` is called with the piece's finished header (length, flags,
+/// offset, checksum). Returns the number of pieces, 0 if the packet cannot be split (DF set,
+/// options present, too small a `max_ip`).
+pub fn fragment_v4(ip: &[u8], max_ip: usize, mut emit: impl FnMut(&[u8; 20], &[u8])) -> usize {
+    if ip.len() < IPV4_HEADER || ip[0] != 0x45 || ip[6] & 0x40 != 0 {
+        return 0;
+    }
+    let total = usize::from(u16::from_be_bytes([ip[2], ip[3]])).min(ip.len());
+    let step = max_ip.saturating_sub(IPV4_HEADER) / 8 * 8;
+    if step == 0 || total <= IPV4_HEADER {
+        return 0;
+    }
+    let flags_off = u16::from_be_bytes([ip[6], ip[7]]);
+    let base = usize::from(flags_off & 0x1fff) * 8;
+    let orig_more = flags_off & 0x2000 != 0;
+    let payload = &ip[IPV4_HEADER..total];
+    let mut n = 0;
+    let mut off = 0;
+    while off < payload.len() {
+        let len = step.min(payload.len() - off);
+        let last = off + len == payload.len();
+        let mut h = [0u8; 20];
+        h.copy_from_slice(&ip[..IPV4_HEADER]);
+        h[2..4].copy_from_slice(&((IPV4_HEADER + len) as u16).to_be_bytes());
+        let fo = ((base + off) / 8) as u16 | if !last || orig_more { 0x2000 } else { 0 };
+        h[6..8].copy_from_slice(&fo.to_be_bytes());
+        h[10..12].copy_from_slice(&[0, 0]);
+        let sum = checksum::sum(&h);
+        h[10..12].copy_from_slice(&(!sum).to_be_bytes());
+        emit(&h, &payload[off..off + len]);
+        n += 1;
+        off += len;
+    }
+    n
 }
 
 /// If `pkt` (an IP packet whose upper-layer header starts at `upper`) is a TCP segment with SYN
@@ -290,6 +330,44 @@ mod tests {
             )
             .is_none()
         );
+    }
+
+    #[test]
+    fn fragments_carry_the_packet_in_multiples_of_eight() {
+        let p = v4_packet(1500, 17, false);
+        let mut pieces: Vec<Vec<u8>> = Vec::new();
+        let n = fragment_v4(&p, 1000, |h, d| {
+            let mut v = h.to_vec();
+            v.extend_from_slice(d);
+            pieces.push(v);
+        });
+        assert_eq!(n, 2);
+        assert_eq!(pieces[0].len(), 20 + 976);
+        assert_eq!(pieces[1].len(), 20 + 1480 - 976);
+        for (i, f) in pieces.iter().enumerate() {
+            assert_eq!(checksum::sum(&f[..20]), 0xffff);
+            assert_eq!(usize::from(u16::from_be_bytes([f[2], f[3]])), f.len());
+            let fo = u16::from_be_bytes([f[6], f[7]]);
+            assert_eq!(fo & 0x2000 != 0, i == 0, "MF on all but the last");
+            assert_eq!(usize::from(fo & 0x1fff) * 8, i * 976);
+            assert_eq!(&f[12..20], &p[12..20]);
+        }
+        let joined: Vec<u8> = pieces.iter().flat_map(|f| f[20..].to_vec()).collect();
+        assert_eq!(joined, p[20..].to_vec());
+        // A fragment split again keeps its offset and MF.
+        let mut frag = v4_packet(1000, 17, false);
+        frag[6..8].copy_from_slice(&(0x2000u16 | 100).to_be_bytes());
+        let mut offs = Vec::new();
+        fragment_v4(&frag, 600, |h, _| {
+            offs.push(u16::from_be_bytes([h[6], h[7]]))
+        });
+        assert_eq!(offs, vec![0x2000 | 100, 0x2000 | (100 + 72)]);
+        // DF, options or no room: not split.
+        assert_eq!(fragment_v4(&v4_packet(1500, 17, true), 1000, |_, _| {}), 0);
+        let mut opt = v4_packet(1500, 17, false);
+        opt[0] = 0x46;
+        assert_eq!(fragment_v4(&opt, 1000, |_, _| {}), 0);
+        assert_eq!(fragment_v4(&p, 27, |_, _| {}), 0);
     }
 
     fn syn(options: &[u8], mss_at_odd: bool) -> (Vec<u8>, usize) {

@@ -89,6 +89,10 @@ pub enum Verdict {
     ToHost,
     /// Drop, counted under the reason.
     Drop(DropReason),
+    /// Too big for its tunnel, and it may be fragmented (IPv4 without DF, fragmentation before
+    /// encryption configured): split the IP packet into fragments of at most this many bytes
+    /// ([`crate::icmp::fragment_v4`]) and process those instead. The frame itself is spent.
+    Fragment(u16),
 }
 
 /// The gateway's ports and how to reach neighbours, shared by all workers.
@@ -104,6 +108,10 @@ pub struct Network {
     pub next_hops: Box<dyn NextHops>,
     /// Clamp TCP SYNs' MSS option to this (both directions), or leave them alone.
     pub tcp_mss: Option<u16>,
+    /// Fragment IPv4 packets without DF that do not fit their tunnel before encryption
+    /// (Cisco's default, `crypto ipsec fragmentation before-encryption`) instead of dropping
+    /// them.
+    pub prefragment: bool,
     /// Plain router: forward every routed IP packet by destination, no IPsec (the baseline the
     /// forwarding benchmark compares against, and a way to check the I/O path alone).
     pub forward_only: bool,
@@ -135,6 +143,7 @@ impl Network {
             encap_port,
             next_hops,
             tcp_mss: None,
+            prefragment: false,
             forward_only: false,
             ours,
             wan_ours,
@@ -660,6 +669,10 @@ impl Pipeline {
                         self.counters.drops.add(*r, 1);
                         continue;
                     }
+                    Verdict::Fragment(_) => {
+                        self.counters.prefragmented += 1;
+                        continue;
+                    }
                 };
                 c.tx_frames += 1;
                 c.tx_bytes += f.len as u64;
@@ -1059,12 +1072,22 @@ fn classify_out<'g>(
     let esp_len = esp::HEADER_LEN + sa.iv_len + payload + pad + esp::TRAILER_FIXED_LEN + sa.icv_len;
     let outer_len = front + udp + esp_len;
     if outer_len > usize::from(net.wan.mtu) {
-        if port == PortId::Lan && sa.mode == Mode::Tunnel && (l3.v6() || l3.df()) {
-            // The largest inner packet whose ESP packet fits: what the sender must use.
-            let fixed = front + udp + esp::HEADER_LEN + sa.iv_len + sa.icv_len;
-            let room = usize::from(net.wan.mtu).saturating_sub(fixed);
-            let align = sa.pad_align.max(1);
-            let fit = (room / align * align).saturating_sub(esp::TRAILER_FIXED_LEN);
+        // The largest inner packet whose ESP packet fits.
+        let fixed = front + udp + esp::HEADER_LEN + sa.iv_len + sa.icv_len;
+        let room = usize::from(net.wan.mtu).saturating_sub(fixed);
+        let align = sa.pad_align.max(1);
+        let fit = (room / align * align).saturating_sub(esp::TRAILER_FIXED_LEN);
+        if sa.mode == Mode::Tunnel && !l3.v6() && !l3.df() {
+            // May be fragmented: before encryption if configured (and the fragments can carry
+            // data: a header with options is not split here).
+            if net.prefragment && port != PortId::Host && l3.upper == ipv4::HEADER_LEN as u16 {
+                let ip_max = fit.min(usize::from(u16::MAX));
+                if ip_max >= ipv4::HEADER_LEN + 8 {
+                    return Err(Verdict::Fragment(ip_max as u16));
+                }
+            }
+        } else if port == PortId::Lan && sa.mode == Mode::Tunnel {
+            // What the sender must use (PMTU discovery), sent back as an ICMP error.
             let floor = if l3.v6() { 1280 } else { 68 };
             m.pmtu = fit.clamp(floor, usize::from(u16::MAX)) as u16;
         }

@@ -647,7 +647,8 @@ fn df_packet_too_big_for_the_tunnel_gets_frag_needed_with_the_mtu_that_fits() {
     assert_eq!(a.counters().icmp_sent, 1);
     assert_eq!(a.db().sa_drops(DropReason::MtuExceeded), 1);
 
-    // Without DF the packet is dropped and counted, not answered.
+    // Without DF it is fragmented before encryption (the default): to at most the size that
+    // fits; or, with fragmentation off, dropped and counted.
     let mut no_df = big.clone();
     {
         let mut p = ipv4::Ipv4Packet::new_unchecked(&mut no_df[ethernet::HEADER_LEN..]);
@@ -655,8 +656,13 @@ fn df_packet_too_big_for_the_tunnel_gets_frag_needed_with_the_mtu_that_fits() {
         p.fill_checksum();
     }
     let (v, _) = run(&mut a, PortId::Lan, &no_df);
-    assert_eq!(v, Verdict::Drop(DropReason::MtuExceeded));
+    assert_eq!(v, Verdict::Fragment(1342));
+    assert_eq!(a.counters().prefragmented, 1);
     assert_eq!(a.counters().icmp_sent, 1);
+    let mut off = sender("", "mtu = 1400", "[dataplane]\nfragmentation = \"off\"");
+    let (v, _) = run(&mut off, PortId::Lan, &no_df);
+    assert_eq!(v, Verdict::Drop(DropReason::MtuExceeded));
+    assert_eq!(off.counters().icmp_sent, 0);
 }
 
 /// A TCP SYN 10.1.0.10:40000 → 10.2.0.20:443 with MSS 1460 (and 8 bytes of data).

@@ -471,6 +471,25 @@ impl XskWorker {
         s.in_fill = s.in_fill.saturating_sub(out.len() as u32);
     }
 
+    /// Take a frame from the free list (its base address), for a packet the worker writes.
+    pub fn alloc(&mut self) -> Option<u64> {
+        self.free.pop()
+    }
+
+    /// The whole 2 KiB frame at `base` (from [`XskWorker::alloc`] or a received descriptor the
+    /// worker still holds), or `None` if `base` is not a frame of this UMEM.
+    pub fn frame(&mut self, base: u64) -> Option<&mut [u8]> {
+        let fs = FRAME_SIZE as usize;
+        let base = usize::try_from(base).ok()?;
+        if base % fs != 0 || base.checked_add(fs)? > self.area.len {
+            return None;
+        }
+        // SAFETY: the range lies inside the mapping (checked above). The caller holds this frame
+        // (it is in no ring and on no free list while it is used), and the `&mut self` borrow
+        // keeps any other frame slice from being made meanwhile.
+        Some(unsafe { std::slice::from_raw_parts_mut(self.area.ptr.as_ptr().add(base), fs) })
+    }
+
     /// Return a frame the worker holds to the free list.
     pub fn release(&mut self, addr: u64) {
         self.free.push(addr - addr % u64::from(FRAME_SIZE));

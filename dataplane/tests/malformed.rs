@@ -1275,14 +1275,21 @@ fn packets_too_big_for_the_wan_mtu_after_esp_are_mtu_exceeded() {
         let fits = k.inner_frame(max - l4);
         let out = check(&mut p.a, Lan, &[fits], &[pass(TxWan)], k.name);
         assert_eq!(out[0].1.len(), 14 + outer_ip_len(&k, max), "{}", k.name);
+        // One byte more: the sender (DF is set; IPv6 never fragments in transit) is told the
+        // size that fits, with ICMP "fragmentation needed" / ICMPv6 "packet too big", and the
+        // SA counts the drop.
         let big = k.inner_frame(max + 1 - l4);
-        check(
-            &mut p.a,
-            Lan,
-            &[big],
-            &[charged(MtuExceeded, k.name)],
-            k.name,
-        );
+        let before = p.a.sa_drops()[k.name].get(MtuExceeded);
+        let out = p.a.run_room(Lan, &[big], HEAD, TAIL);
+        assert_eq!(out[0].0, TxLan, "{}", k.name);
+        let icmp = &out[0].1[14..];
+        let (kind, mtu) = if k.v6 {
+            (icmp[40], u32::from_be_bytes([icmp[44], icmp[45], icmp[46], icmp[47]]))
+        } else {
+            (icmp[20], u32::from(u16::from_be_bytes([icmp[26], icmp[27]])))
+        };
+        assert_eq!((kind, mtu), (if k.v6 { 2 } else { 3 }, max as u32), "{}", k.name);
+        assert_eq!(p.a.sa_drops()[k.name].get(MtuExceeded), before + 1, "{}", k.name);
     }
 }
 
@@ -1652,15 +1659,16 @@ proptest! {
 
         // Every frame got one verdict and is counted exactly once.
         let mut drops = DropCounts::default();
-        let (mut wan, mut lan, mut host) = (0u64, 0u64, 0u64);
+        let (mut wan, mut lan, mut host, mut frag) = (0u64, 0u64, 0u64, 0u64);
         for (v, data) in &out {
             match v {
                 Verdict::Drop(r) => drops.add(*r, 1),
                 Verdict::TxWan => wan += 1,
                 Verdict::TxLan => lan += 1,
                 Verdict::ToHost => host += 1,
+                Verdict::Fragment(_) => frag += 1,
             }
-            if !matches!(v, Verdict::Drop(_)) {
+            if !matches!(v, Verdict::Drop(_) | Verdict::Fragment(_)) {
                 prop_assert!(data.len() >= ethernet::HEADER_LEN);
             }
             if matches!(v, Verdict::TxWan | Verdict::TxLan) {
@@ -1679,7 +1687,8 @@ proptest! {
         }
         let n = frames.len() as u64;
         let dropped_frames: u64 = drops.0.iter().sum();
-        prop_assert_eq!(dropped_frames + wan + lan + host, n);
+        prop_assert_eq!(dropped_frames + wan + lan + host + frag, n);
+        prop_assert_eq!(w1.prefragmented - w0.prefragmented, frag);
         prop_assert_eq!(diff(&w1.drops, &w0.drops), drops);
         let worker_drop_sum: u64 = diff(&w1.drops, &w0.drops).0.iter().sum();
         prop_assert_eq!(worker_drop_sum, dropped_frames);

@@ -1180,7 +1180,7 @@ if __name__ == "__main__":
     unittest.main(verbosity=2)
 
 
-class TestOuterFragments(GatewayTestCase):
+class TestFragments(GatewayTestCase):
 
     def test_6_fragmented_esp_is_reassembled(self) -> None:
         """ESP that a smaller-MTU link between the peers cut into outer IPv4 fragments (sent
@@ -1225,3 +1225,38 @@ class TestOuterFragments(GatewayTestCase):
         self.assertEqual(errors.get("fragment_timeout"), 1, errors)
         self.assertEqual(xdp_counters(st, topo.if_wan).get("esp_fragment"), 9)
         self.assertEqual(dig(sa_json(st, "t1-in"), "counters", "pkts_decaps"), 2)
+
+    def test_7_fragmentation_before_encryption(self) -> None:
+        """An IPv4 packet without DF too big for the tunnel is fragmented before encryption
+        (the default): two ESP packets leave, each carrying one fragment, and the fragments
+        put back together are the original packet (TTL one lower)."""
+        topo = self.topology()
+        gw = self.gateway(topo)
+        t = BY_N[1]
+        big = udp_packet(HOST_IP, f"10.2.{t.n}.5", 6100, 7100, random.Random(3).randbytes(1472),
+                         ident=0x777, df=False)
+        self.assertEqual(len(big), 1500)
+        cap = self.sniffer(topo.ns_peer, topo.if_peer, f"src host {GW_WAN_IP} and ip proto 50",
+                           2, 8)
+        self.send_frames(topo.ns_host, topo.if_host, [ether(LAN_MAC, HOST_MAC) + big])
+        frames = [bytes.fromhex(h) for h in cap.result()["frames"]]
+        self.assertEqual(len(frames), 2, "two ESP packets")
+        sa = scapy_sa(t, "out")
+        pieces = []
+        for fr in frames:
+            r = parse_wan_frame(fr)
+            self.assertLessEqual(len(r["ip"]), WAN_MTU)
+            pieces.append(bytes(sa.decrypt(IP(r["ip"]))))
+        pieces.sort(key=lambda p: struct.unpack("!H", p[6:8])[0] & 0x1FFF)
+        want = minus_one_hop(big)
+        first, second = pieces
+        self.assertEqual(struct.unpack("!H", first[6:8])[0], 0x2000, "MF, offset 0")
+        off = (struct.unpack("!H", second[6:8])[0] & 0x1FFF) * 8
+        self.assertEqual(off, len(first) - 20)
+        self.assertEqual(first[20:] + second[20:], want[20:], "payload intact")
+        self.assertEqual((first[4:6], first[12:20]), (want[4:6], want[12:20]))
+        for p in pieces:
+            self.assertEqual(csum(p[:20]), 0, "fragment header checksum")
+        st = gw.stats()
+        self.assertEqual(dig(st, "totals", "prefragmented"), 1, json.dumps(dig(st, "totals")))
+        self.assertEqual(dig(sa_json(st, "t1-out"), "counters", "pkts_encaps"), 2)
