@@ -1284,12 +1284,28 @@ fn packets_too_big_for_the_wan_mtu_after_esp_are_mtu_exceeded() {
         assert_eq!(out[0].0, TxLan, "{}", k.name);
         let icmp = &out[0].1[14..];
         let (kind, mtu) = if k.v6 {
-            (icmp[40], u32::from_be_bytes([icmp[44], icmp[45], icmp[46], icmp[47]]))
+            (
+                icmp[40],
+                u32::from_be_bytes([icmp[44], icmp[45], icmp[46], icmp[47]]),
+            )
         } else {
-            (icmp[20], u32::from(u16::from_be_bytes([icmp[26], icmp[27]])))
+            (
+                icmp[20],
+                u32::from(u16::from_be_bytes([icmp[26], icmp[27]])),
+            )
         };
-        assert_eq!((kind, mtu), (if k.v6 { 2 } else { 3 }, max as u32), "{}", k.name);
-        assert_eq!(p.a.sa_drops()[k.name].get(MtuExceeded), before + 1, "{}", k.name);
+        assert_eq!(
+            (kind, mtu),
+            (if k.v6 { 2 } else { 3 }, max as u32),
+            "{}",
+            k.name
+        );
+        assert_eq!(
+            p.a.sa_drops()[k.name].get(MtuExceeded),
+            before + 1,
+            "{}",
+            k.name
+        );
     }
 }
 
