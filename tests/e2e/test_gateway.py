@@ -1260,3 +1260,41 @@ class TestFragments(GatewayTestCase):
         st = gw.stats()
         self.assertEqual(dig(st, "totals", "prefragmented"), 1, json.dumps(dig(st, "totals")))
         self.assertEqual(dig(sa_json(st, "t1-out"), "counters", "pkts_encaps"), 2)
+
+
+class TestStartupErrors(GatewayTestCase):
+
+    def test_8_umem_beyond_the_locked_memory_limit_is_a_clear_error(self) -> None:
+        """UMEMs that do not fit RLIMIT_MEMLOCK stop the start with a message naming the sizes
+        and what to change, exit status 1, and nothing attached."""
+        topo = self.topology()
+        cfg = self.work / "gw.toml"
+        text = gateway_config(topo, self.work / "dataplane.sock", [0])
+        text = text.replace("umem_frames = 1024\n", "umem_frames = 2048\n", 1)
+        cfg.write_text(text)
+        p = subprocess.run(["ip", "netns", "exec", topo.ns_gw, "prlimit",
+                            "--memlock=2097152:2097152", str(BIN), "run", "--config", str(cfg)],
+                           capture_output=True, text=True, timeout=30)
+        self.assertEqual(p.returncode, 1, p.stderr)
+        self.assertIn("locked-memory limit", p.stderr)
+        self.assertIn("4096 KiB", p.stderr)
+        self.assertIn("umem_frames", p.stderr)
+        links = sh("ip", "-n", topo.ns_gw, "-d", "link", "show").stdout
+        self.assertNotIn("prog/xdp", links)
+        self.assertFalse((self.work / "dataplane.sock").exists())
+
+    def test_9_missing_interface_and_bad_config_are_reported(self) -> None:
+        topo = self.topology()
+        cfg = self.work / "gw.toml"
+        cfg.write_text(gateway_config(topo, self.work / "dataplane.sock", [0])
+                       .replace(f'"{topo.if_wan}"', '"nosuch0"'))
+        p = subprocess.run(["ip", "netns", "exec", topo.ns_gw, str(BIN), "run", "--config",
+                            str(cfg)], capture_output=True, text=True, timeout=30)
+        self.assertEqual(p.returncode, 1, p.stderr)
+        self.assertIn("nosuch0", p.stderr)
+        cfg.write_text(gateway_config(topo, self.work / "dataplane.sock", [0])
+                       .replace("ring_size = 256\n", "ring_size = 1000\n", 1))
+        p = subprocess.run([str(BIN), "run", "--config", str(cfg)], capture_output=True,
+                           text=True, timeout=30)
+        self.assertEqual(p.returncode, 1, p.stderr)
+        self.assertRegex(p.stderr, r"gw\.toml:\d+:\d+: .*ring_size 1000 must be a power of two")
