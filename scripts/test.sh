@@ -62,6 +62,9 @@ done
 step "benchmarks (smoke: each case once)"
 cargo bench --quiet -p espgw-benches -- --test
 
+step "forwarding benchmark over veth (smoke: one short round; figures: bash benches/fwd.sh)"
+ESPGW_BIN="$BIN" bash benches/fwd.sh --quick
+
 step "offline demo (espgw-dataplane demo: two gateways in one process, captures)"
 DEMO_DIR=$(mktemp -d)
 "$BIN" demo --out "$DEMO_DIR" | tee "$DEMO_DIR/summary.txt"
