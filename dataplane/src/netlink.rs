@@ -875,8 +875,36 @@ impl Rtnl {
         Ok((out, o))
     }
 
+    /// Does the kernel already hold a usable, fresh (not STALE) entry for `ip` on `ifindex`, one
+    /// added since the snapshot was taken? A single-entry RTM_GETNEIGH; any error reads as "no".
+    fn has_usable_neighbor(&mut self, ifindex: u32, ip: IpAddr) -> bool {
+        let mut m = NeighbourMessage::default();
+        m.header.family = family_of(ip);
+        m.header.ifindex = ifindex;
+        m.attributes
+            .push(NeighbourAttribute::Destination(NeighbourAddress::from(ip)));
+        let mut usable = false;
+        let r = self.request(
+            "a neighbour lookup",
+            // The ACK ends the exchange after the entry (a lone reply has no NLMSG_DONE).
+            NLM_F_REQUEST | NLM_F_ACK,
+            RouteNetlinkMessage::GetNeighbour(m),
+            |r| {
+                // A STALE entry still wants the prod (the kernel re-validates it).
+                if let RouteNetlinkMessage::NewNeighbour(n) = r
+                    && let Some((_, Some((_, false)))) = neighbor_of(&n)
+                {
+                    usable = true;
+                }
+            },
+        );
+        r.is_ok() && usable
+    }
+
     /// Asks the kernel to resolve `ip` on `ifindex`: RTM_NEWNEIGH with NTF_USE, which runs
-    /// `neigh_event_send()` on the (created if need be) entry.
+    /// `neigh_event_send()` on the (created if need be) entry. NTF_USE also clears
+    /// NUD_PERMANENT on an existing entry, so the caller first checks that there is no usable
+    /// entry (a static one an operator just added must not be downgraded).
     fn prod(&mut self, ifindex: u32, ip: IpAddr) -> Result<(), NetlinkError> {
         let mut m = NeighbourMessage::default();
         m.header.family = family_of(ip);
@@ -1411,6 +1439,10 @@ impl Worker {
                 });
             }
             self.last_prod.insert(key, now);
+            if self.rtnl.has_usable_neighbor(ifindex, ip) {
+                // Resolved since the snapshot (its notification is on its way): nothing to do.
+                continue;
+            }
             match self.rtnl.prod(ifindex, ip) {
                 Ok(()) => {
                     self.shared
