@@ -746,12 +746,19 @@ impl Pipeline {
 
         // 1b. DF packets too big for the tunnel: answer with ICMP instead of dropping silently.
         for (f, m) in frames.iter_mut().zip(metas.iter_mut()) {
-            if m.pmtu != 0
-                && m.verdict == Verdict::Drop(DropReason::MtuExceeded)
-                && let Some(v) = too_big_reply(f, m, &net)
-            {
-                m.finish(v);
-                self.counters.icmp_sent += 1;
+            if m.pmtu != 0 && m.verdict == Verdict::Drop(DropReason::MtuExceeded) {
+                match too_big_reply(f, m, &net) {
+                    Some(v) => {
+                        m.finish(v);
+                        self.counters.icmp_sent += 1;
+                    }
+                    None => {
+                        if let Some(sa) = m.sa {
+                            sa.count_drop(DropReason::MtuExceeded, 1);
+                        }
+                    }
+                }
+                m.sa = None;
             }
         }
 
@@ -1087,9 +1094,12 @@ fn classify_out<'g>(
                 }
             }
         } else if port == PortId::Lan && sa.mode == Mode::Tunnel {
-            // What the sender must use (PMTU discovery), sent back as an ICMP error.
+            // What the sender must use (PMTU discovery), sent back as an ICMP error. The SA is
+            // charged with the drop only if no answer can be sent (step 1b).
             let floor = if l3.v6() { 1280 } else { 68 };
             m.pmtu = fit.clamp(floor, usize::from(u16::MAX)) as u16;
+            m.sa = Some(sa);
+            return Err(Verdict::Drop(DropReason::MtuExceeded));
         }
         return Err(drop(DropReason::MtuExceeded));
     }

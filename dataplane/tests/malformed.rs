@@ -1276,10 +1276,11 @@ fn packets_too_big_for_the_wan_mtu_after_esp_are_mtu_exceeded() {
         let out = check(&mut p.a, Lan, &[fits], &[pass(TxWan)], k.name);
         assert_eq!(out[0].1.len(), 14 + outer_ip_len(&k, max), "{}", k.name);
         // One byte more: the sender (DF is set; IPv6 never fragments in transit) is told the
-        // size that fits, with ICMP "fragmentation needed" / ICMPv6 "packet too big", and the
-        // SA counts the drop.
+        // size that fits, with ICMP "fragmentation needed" / ICMPv6 "packet too big"; answered,
+        // it is not counted as a drop.
         let big = k.inner_frame(max + 1 - l4);
         let before = p.a.sa_drops()[k.name].get(MtuExceeded);
+        let icmp_before = p.a.pipe.counters().icmp_sent;
         let out = p.a.run_room(Lan, &[big], HEAD, TAIL);
         assert_eq!(out[0].0, TxLan, "{}", k.name);
         let icmp = &out[0].1[14..];
@@ -1302,10 +1303,11 @@ fn packets_too_big_for_the_wan_mtu_after_esp_are_mtu_exceeded() {
         );
         assert_eq!(
             p.a.sa_drops()[k.name].get(MtuExceeded),
-            before + 1,
+            before,
             "{}",
             k.name
         );
+        assert_eq!(p.a.pipe.counters().icmp_sent, icmp_before + 1, "{}", k.name);
     }
 }
 

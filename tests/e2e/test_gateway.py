@@ -1216,7 +1216,7 @@ class TestFragments(GatewayTestCase):
         want = {ether(HOST_MAC, LAN_MAC) + minus_one_hop(p) for p in inner}
         self.assertEqual(set(got), want, "both reassembled datagrams arrive, exactly")
         time.sleep(2.5)  # the incomplete datagram times out (2 s)
-        st = gw.stats()
+        st = gw.wait_stats(lambda st: dig(st, "totals", "drops", "errors", "fragment_timeout"))
         w0 = dig(st, "workers", default=[{}])[0]
         self.assertEqual(dig(w0, "reassembly", "reassembled"), 2, json.dumps(w0))
         self.assertEqual(dig(w0, "reassembly", "fragments"), 9, json.dumps(w0))
@@ -1257,7 +1257,7 @@ class TestFragments(GatewayTestCase):
         self.assertEqual((first[4:6], first[12:20]), (want[4:6], want[12:20]))
         for p in pieces:
             self.assertEqual(csum(p[:20]), 0, "fragment header checksum")
-        st = gw.stats()
+        st = gw.wait_stats(lambda st: dig(st, "totals", "prefragmented") == 1)
         self.assertEqual(dig(st, "totals", "prefragmented"), 1, json.dumps(dig(st, "totals")))
         self.assertEqual(dig(sa_json(st, "t1-out"), "counters", "pkts_encaps"), 2)
 

@@ -702,15 +702,17 @@ fn check_ip(d: &[u8], built: bool) {
 /// Each verdict counted exactly once, and nothing else counted.
 fn check_counters(port: PortId, w0: &WorkerCounters, w1: &WorkerCounters, verdicts: &[Verdict]) {
     let mut drops = DropCounts::default();
-    let (mut wan, mut lan, mut host) = (0, 0, 0);
+    let (mut wan, mut lan, mut host, mut frag) = (0, 0, 0, 0);
     for v in verdicts {
         match v {
             Verdict::Drop(r) => drops.add(*r, 1),
             Verdict::TxWan => wan += 1,
             Verdict::TxLan => lan += 1,
             Verdict::ToHost => host += 1,
+            Verdict::Fragment(_) => frag += 1,
         }
     }
+    assert_eq!(w1.prefragmented - w0.prefragmented, frag, "prefragmented");
     let n = verdicts.len() as u64;
     assert_eq!(diff(&w1.drops, &w0.drops), drops, "drop counters");
     assert_eq!(w1.wan.tx_frames - w0.wan.tx_frames, wan, "wan tx");
