@@ -174,6 +174,9 @@ pub struct RunConfig {
     pub xdp_mode: XdpMode,
     /// Unix socket serving the counters as JSON.
     pub stats_socket: std::path::PathBuf,
+    /// `ring = "/dev/shm/espgw.ring"`: create the shared-memory SA ring here and apply what the
+    /// control process pushes through it (`ringapply`); `None` (the default): static SAs only.
+    pub ring: Option<std::path::PathBuf>,
 }
 
 /// How the XDP program is attached.
@@ -194,6 +197,7 @@ impl Default for RunConfig {
             ring_size: 512,
             xdp_mode: XdpMode::Native,
             stats_socket: "/run/espgw/dataplane.sock".into(),
+            ring: None,
         }
     }
 }
@@ -272,6 +276,7 @@ struct RawDataplane {
     ring_size: Option<Spanned<u64>>,
     xdp_mode: Option<Spanned<String>>,
     stats_socket: Option<Spanned<String>>,
+    ring: Option<Spanned<String>>,
 }
 
 #[derive(Deserialize, Default)]
@@ -731,6 +736,16 @@ fn run_config(ctx: &mut Ctx<'_>, d: &RawDataplane) -> RunConfig {
             ctx.error(&p.span(), "stats_socket is empty");
         } else {
             rc.stats_socket = p.get_ref().into();
+        }
+    }
+    if let Some(p) = &d.ring {
+        if p.get_ref().is_empty() {
+            ctx.error(
+                &p.span(),
+                "ring is empty: name a file, like \"/dev/shm/espgw.ring\"",
+            );
+        } else {
+            rc.ring = Some(p.get_ref().into());
         }
     }
     rc

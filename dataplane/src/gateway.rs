@@ -17,6 +17,7 @@ use crate::nexthop::NextHops;
 use crate::pipeline::{Frame, Network, Pipeline, Verdict};
 use crate::policy::Prefix;
 use crate::reassembly::{Outcome, Reassembler, ReassemblyStats};
+use crate::ringapply::Applier;
 use crate::sadb::SaDb;
 use crate::xdp::{AttachMode, PortRole, XdpPort};
 use crate::xsk::{self, XskWorker};
@@ -332,6 +333,18 @@ pub fn run(
         }
     })?;
     let d = installed.dataplane;
+    // The SA ring (optional): created before anything is attached, so a bad path fails early.
+    let applier = match &rc.ring {
+        Some(path) => Some(
+            Applier::new(path, Arc::clone(&db), Arc::new(SoftwareProvider)).map_err(|e| {
+                RunError::Setup {
+                    file: file.clone(),
+                    msg: e.to_string(),
+                }
+            })?,
+        ),
+        None => None,
+    };
     let hops = KernelNextHops::start(
         &[
             PortLink {
@@ -388,8 +401,17 @@ pub fn run(
         events_logged: Mutex::new(0),
     });
 
+    let ring_thread = match applier {
+        Some(a) => Some(start_ring_thread(a, &shared, &file)?),
+        None => None,
+    };
     let result = run_workers(&shared, &rc, &wan_if, &lan_if, &file);
     stop.store(true, Ordering::SeqCst);
+    if let Some(h) = ring_thread
+        && h.join().is_err()
+    {
+        tracing::error!("the SA ring thread panicked");
+    }
     let final_stats = shared.snapshot();
     if let Ok(mut ports) = shared.xdp.lock() {
         for p in ports.drain(..) {
@@ -476,7 +498,7 @@ fn run_workers(
             rc.cores,
             rc.stats_socket.display()
         );
-        main_loop(shared, &listener);
+        main_loop(shared, &listener, rc.ring.is_none());
     }
     shared.stop.store(true, Ordering::SeqCst);
     for (i, core, h) in handles {
@@ -530,7 +552,8 @@ fn bind_stats(path: &Path) -> Result<UnixListener, RunError> {
     Ok(l)
 }
 
-fn main_loop(shared: &Arc<Shared>, listener: &UnixListener) {
+/// `log_sa_events`: false when the SA ring's thread takes the lifetime events (it logs them).
+fn main_loop(shared: &Arc<Shared>, listener: &UnixListener, log_sa_events: bool) {
     let mut last_sweep = Instant::now();
     while !shared.stop.load(Ordering::Relaxed) {
         match listener.accept() {
@@ -548,21 +571,65 @@ fn main_loop(shared: &Arc<Shared>, listener: &UnixListener) {
         if last_sweep.elapsed() >= Duration::from_millis(200) {
             last_sweep = Instant::now();
             shared.db.sweep(now_ns());
-            log_events(shared);
+            if log_sa_events {
+                log_events(shared);
+            }
         }
         std::thread::sleep(Duration::from_millis(20));
     }
-    log_events(shared);
+    if log_sa_events {
+        log_events(shared);
+    }
 }
 
 fn log_events(shared: &Shared) {
     for e in shared.db.drain_events() {
-        let ev = serde_json::to_string(&e).unwrap_or_default();
-        tracing::warn!(spi = format_args!("{:#010x}", e.spi), event = %ev, "SA lifetime event");
-        if let Ok(mut n) = shared.events_logged.lock() {
-            *n += 1;
-        }
+        log_event(shared, &e);
     }
+}
+
+fn log_event(shared: &Shared, e: &crate::sa::Event) {
+    let ev = serde_json::to_string(e).unwrap_or_default();
+    tracing::warn!(spi = format_args!("{:#010x}", e.spi), event = %ev, "SA lifetime event");
+    if let Ok(mut n) = shared.events_logged.lock() {
+        *n += 1;
+    }
+}
+
+// ---- SA ring (issue 4): the applier runs in its own thread, "espgw-ring". ----
+//
+// Not in the main loop: that loop sleeps 20 ms between rounds and its `sweep` walks every SA
+// (milliseconds at a million SAs), which would cap SA installs through the ring far below the
+// target; not in a worker: applying must never stall forwarding. The thread busy-polls while
+// there are commands and sleeps 1 ms when there are none (install latency ≤ ~1 ms, negligible
+// CPU when idle). It also takes the SA database's lifetime events (sending them to the control
+// process and logging them), so the main loop stops draining them.
+
+fn start_ring_thread(
+    mut applier: Applier,
+    shared: &Arc<Shared>,
+    file: &Path,
+) -> Result<std::thread::JoinHandle<()>, RunError> {
+    if let Some(seg) = applier.segment() {
+        tracing::info!(path = %seg.path().display(), "SA ring ready");
+    }
+    let for_hook = Arc::clone(shared);
+    applier.set_event_hook(Box::new(move |e| log_event(&for_hook, e)));
+    let shared = Arc::clone(shared);
+    std::thread::Builder::new()
+        .name("espgw-ring".into())
+        .spawn(move || {
+            while !shared.stop.load(Ordering::Relaxed) {
+                if applier.poll(now_ns()) == 0 {
+                    std::thread::sleep(Duration::from_millis(1));
+                }
+            }
+            applier.poll(now_ns());
+        })
+        .map_err(|e| RunError::Setup {
+            file: file.to_path_buf(),
+            msg: format!("spawning the SA ring thread: {e}"),
+        })
 }
 
 /// One worker: pinned to `core`, serving queue `idx` of both ports.

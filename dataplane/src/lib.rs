@@ -4,6 +4,7 @@
 //! * [`sa`]: an SA's hot and cold state, counters, lifetimes and events;
 //! * [`antireplay`]: the lock-free RFC 6479 window and ESN inference;
 //! * [`policy`]: selectors and the SPD;
+//! * [`ringapply`]: the data plane's side of the SA ring (commands from the control process);
 //! * [`pipeline`]: burst processing, one [`pipeline::Pipeline`] per worker;
 //! * [`config`]: the TOML configuration with file/line diagnostics;
 //! * [`replay`]: offline processing of capture files;
@@ -23,6 +24,7 @@ pub mod pipeline;
 pub mod policy;
 pub mod reassembly;
 pub mod replay;
+pub mod ringapply;
 pub mod sa;
 pub mod sadb;
 pub mod xdp;

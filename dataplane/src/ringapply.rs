@@ -1,0 +1,815 @@
+//! The data plane's side of the SA ring (`espgw-ring`): the [`Applier`] owns the shared-memory
+//! segment, applies the control process's commands to the [`SaDb`] and sends back one
+//! `Applied`/`Rejected` per command, the counters asked for, and the SAs' lifetime events.
+//!
+//! Semantics (see also `control/ring/README.md`, *Generations, resync and idempotent records*):
+//!
+//! * **AddSa** is converted to [`SaParams`] and checked (the record's own checks — key lengths,
+//!   one address family, selectors — run when it is decoded; the applier adds lifetimes, outer
+//!   addresses and ports); a bad record is `Rejected` with a sentence, never a panic.
+//!   An SA that is already installed with the same `(direction, SPI, generation)` and the same
+//!   content is `Applied` without a second install (a record re-read after a consumer crash).
+//!   The same SA with *another* generation and the same content (direction, SPI, name,
+//!   addresses, algorithms, keys, lifetimes, selectors; `initial_seq` aside) is **adopted**: it
+//!   takes the new generation and keeps its sequence counter, replay window and counters (a
+//!   resync). Anything else that collides (same name or inbound SPI) is `Rejected` with the
+//!   SA database's reason: delete the old SA first.
+//! * **DeleteSa** of an SA that is not there (or not with that generation) is `Applied`: it is
+//!   already gone, and a stale delete never touches a newer SA. A policy that protects with a
+//!   deleted SA stays in the applier's table but becomes *discard* in the SPD (fail closed)
+//!   until an SA of that name is added again.
+//! * **UpdateSa** is `Rejected` ("update not supported yet: delete and re-add"): the SA
+//!   database cannot change an installed SA's peer, encapsulation or lifetimes in place.
+//! * **AddPolicy** replaces the policy with the same id (unless the installed one has a newer
+//!   generation); the SPD is rebuilt and swapped in as a whole: the policies that were in the
+//!   SPD when the applier started (the configuration file's) first, in their order, then the
+//!   ring's ordered by `(priority, policy_id)`. A protect policy must name an installed
+//!   outbound SA. Inbound policies are `Rejected`: this data plane checks inbound traffic
+//!   against the inbound SA's selectors only.
+//! * **DeletePolicy** of an absent policy, or with another generation, is `Applied` (no effect).
+//! * **Flush{older_than}** removes the ring's SAs and policies with a generation below the
+//!   bound (never the configuration file's SAs). **Resync** is acknowledged.
+//! * **QueryCounters** answers one `CountersReply` per SA (the ring's SAs only: the file's SAs
+//!   have no generation), then `Applied`; an unknown SA is `Rejected` ("no such SA").
+//! * Lifetime events from [`SaDb::drain_events`] become `SoftExpired`/`HardExpired`; when the
+//!   event ring is full they are counted as lost (the ring's `dropped` counter and
+//!   [`Applier::events_lost`]) and the applier goes on. Answers to commands are never dropped:
+//!   they wait in a small queue and the applier reads no further command until they are out
+//!   (back-pressure on the control process rather than lost answers).
+
+use crate::counters::DropReason;
+use crate::policy::{self, Action, Policy, Prefix, Spd};
+use crate::sa::{
+    self, DfMode, Direction, DscpMode, EcnMode, Event, EventKind, Lifetime, Mode, SaId, SaParams,
+};
+use crate::sadb::SaDb;
+use espgw_crypto::{AeadAlg, CipherAlg, CryptoProvider, SaKeys, Transform};
+use espgw_ring::record;
+use espgw_ring::record::MAX_ENCODED_LEN;
+use espgw_ring::{
+    Consumer, PolicyAction, PolicySpec, Producer, PushError, Record, RingError, RingParams,
+    SaCounters, SaRef, SaSpec, Segment, SegmentError,
+};
+use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::hash::BuildHasher;
+use std::net::IpAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use zeroize::Zeroizing;
+
+/// Most commands one [`Applier::poll`] handles, so a flood never starves the caller.
+pub const MAX_RECORDS_PER_POLL: usize = 256;
+
+/// Why the applier could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum ApplierError {
+    /// The segment could not be created.
+    #[error("SA ring {path}: {source}")]
+    Segment {
+        /// Where.
+        path: PathBuf,
+        /// Why.
+        source: SegmentError,
+    },
+    /// The rings could not be opened.
+    #[error("SA ring {path}: {source}")]
+    Ring {
+        /// Where.
+        path: PathBuf,
+        /// Why.
+        source: RingError,
+    },
+}
+
+/// Called with every lifetime event the applier takes from the SA database (the live gateway
+/// logs them).
+pub type EventHook = Box<dyn FnMut(&Event) + Send>;
+
+struct InstalledSa {
+    id: SaId,
+    name: String,
+    direction: record::Direction,
+    fingerprint: Option<u64>,
+}
+
+/// What the commands change: the SAs and policies the ring installed.
+struct State {
+    db: Arc<SaDb>,
+    provider: Arc<dyn CryptoProvider>,
+    sas: HashMap<SaRef, InstalledSa>,
+    /// Generations installed per (direction, SPI), for adoption.
+    by_spi: HashMap<(record::Direction, u32), Vec<u64>>,
+    by_id: HashMap<SaId, SaRef>,
+    policies: BTreeMap<u32, PolicySpec>,
+    /// The SPD's policies when the applier started (the configuration file's).
+    base: Spd,
+    /// The SAs installed when the applier started (the configuration file's), by name.
+    file_sas: HashMap<String, (SaId, Direction)>,
+    hasher: std::collections::hash_map::RandomState,
+}
+
+struct Ends {
+    commands: Consumer,
+    events: Producer,
+    segment: Segment,
+}
+
+/// The data plane's end of the SA ring: owns the segment, applies commands, sends events.
+pub struct Applier {
+    path: PathBuf,
+    params: RingParams,
+    /// `None` only after a corrupt segment could not be recreated (retried at every poll).
+    ring: Option<Ends>,
+    outbox: VecDeque<Record>,
+    state: State,
+    events_lost: u64,
+    hook: Option<EventHook>,
+    /// When to try again to create a segment that could not be recreated.
+    reopen_at_ns: u64,
+}
+
+impl std::fmt::Debug for Applier {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Applier")
+            .field("path", &self.path)
+            .field("sas", &self.state.sas.len())
+            .field("policies", &self.state.policies.len())
+            .field("events_lost", &self.events_lost)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Applier {
+    /// Creates the segment at `path` (default sizes; a stale file is replaced) and an applier
+    /// for `db`. The policies now in `db`'s SPD stay in front of the ring's.
+    pub fn new(
+        path: impl AsRef<Path>,
+        db: Arc<SaDb>,
+        provider: Arc<dyn CryptoProvider>,
+    ) -> Result<Applier, ApplierError> {
+        Self::with_params(path, RingParams::default(), db, provider)
+    }
+
+    /// [`Applier::new`] with explicit ring sizes.
+    pub fn with_params(
+        path: impl AsRef<Path>,
+        params: RingParams,
+        db: Arc<SaDb>,
+        provider: Arc<dyn CryptoProvider>,
+    ) -> Result<Applier, ApplierError> {
+        let path = path.as_ref().to_path_buf();
+        let ring = open(&path, params)?;
+        let (base, file_sas) = {
+            let guard = crossbeam_epoch::pin();
+            let sas = db
+                .iter(&guard)
+                .map(|sa| (sa.name.clone(), (sa.id, sa.direction)))
+                .collect();
+            (db.spd(&guard).cloned().unwrap_or_default(), sas)
+        };
+        Ok(Applier {
+            path,
+            params,
+            ring: Some(ring),
+            outbox: VecDeque::new(),
+            state: State {
+                db,
+                provider,
+                sas: HashMap::new(),
+                by_spi: HashMap::new(),
+                by_id: HashMap::new(),
+                policies: BTreeMap::new(),
+                base,
+                file_sas,
+                hasher: std::collections::hash_map::RandomState::new(),
+            },
+            events_lost: 0,
+            hook: None,
+            reopen_at_ns: 0,
+        })
+    }
+
+    /// Calls `hook` for every lifetime event taken from the SA database.
+    pub fn set_event_hook(&mut self, hook: EventHook) {
+        self.hook = Some(hook);
+    }
+
+    /// The segment (for its path and data-plane generation); `None` while a corrupt segment
+    /// could not be recreated.
+    pub fn segment(&self) -> Option<&Segment> {
+        self.ring.as_ref().map(|r| &r.segment)
+    }
+
+    /// Lifetime events that could not be queued because the event ring was full.
+    pub fn events_lost(&self) -> u64 {
+        self.events_lost
+    }
+
+    /// SAs installed through the ring.
+    pub fn sa_count(&self) -> usize {
+        self.state.sas.len()
+    }
+
+    /// The SA database handle of an SA installed through the ring.
+    pub fn sa_id(&self, sa: &SaRef) -> Option<SaId> {
+        self.state.sas.get(sa).map(|s| s.id)
+    }
+
+    /// Sends pending answers and lifetime events, then applies up to
+    /// [`MAX_RECORDS_PER_POLL`] commands. Returns how many commands it handled. Never blocks.
+    pub fn poll(&mut self, now_ns: u64) -> usize {
+        if self.ring.is_none() && now_ns >= self.reopen_at_ns {
+            // At most once a second (each failure is logged).
+            self.reopen_at_ns = now_ns.saturating_add(1_000_000_000);
+            self.reopen();
+        }
+        self.forward_events();
+        let mut handled = 0;
+        while handled < MAX_RECORDS_PER_POLL && self.flush_outbox() {
+            let Some(ring) = self.ring.as_mut() else {
+                break;
+            };
+            let pending = match ring.commands.peek() {
+                Ok(Some(p)) => p,
+                Ok(None) => break,
+                Err(e) => {
+                    self.recreate(&e);
+                    break;
+                }
+            };
+            let seq = pending.seq();
+            let replies = match pending.record() {
+                Ok(rec) => self.state.apply(rec, seq, now_ns),
+                Err(e) => vec![Record::rejected(seq, e)],
+            };
+            pending.commit();
+            self.outbox.extend(replies);
+            handled += 1;
+        }
+        self.flush_outbox();
+        handled
+    }
+
+    /// Pushes queued answers; true when the queue is empty.
+    fn flush_outbox(&mut self) -> bool {
+        while let Some(rec) = self.outbox.front() {
+            let Some(ring) = self.ring.as_mut() else {
+                return false;
+            };
+            match ring.events.try_push(rec) {
+                Ok(_) => {
+                    self.outbox.pop_front();
+                }
+                Err(PushError::Full) => return false,
+                Err(PushError::Ring(e)) => {
+                    self.recreate(&e);
+                    return self.outbox.is_empty();
+                }
+                Err(e) => {
+                    // Cannot happen for the records the applier builds; never loop on it.
+                    tracing::error!("SA ring: answer not sent: {e}");
+                    self.outbox.pop_front();
+                }
+            }
+        }
+        true
+    }
+
+    fn forward_events(&mut self) {
+        for e in self.state.db.drain_events() {
+            if let Some(hook) = self.hook.as_mut() {
+                hook(&e);
+            }
+            let Some(sa) = self.state.by_id.get(&e.sa).copied() else {
+                continue; // an SA of the configuration file: nobody to tell
+            };
+            let limit = match e.limit {
+                sa::Limit::Bytes => record::Limit::Bytes,
+                sa::Limit::Packets => record::Limit::Packets,
+                sa::Limit::Seconds => record::Limit::Seconds,
+                sa::Limit::SequenceNumber => record::Limit::SequenceNumber,
+            };
+            let rec = match e.kind {
+                EventKind::SoftExpired => Record::SoftExpired { sa, limit },
+                EventKind::HardExpired => Record::HardExpired { sa, limit },
+            };
+            // Answers first: an event never overtakes a queued answer, and a full ring loses
+            // the event, not the answer.
+            if !self.outbox.is_empty() {
+                self.lose_event();
+                continue;
+            }
+            let Some(ring) = self.ring.as_mut() else {
+                self.lose_event();
+                continue;
+            };
+            match ring.events.try_push(&rec) {
+                Ok(_) => {}
+                Err(PushError::Full) => self.lose_event(),
+                Err(e) => {
+                    tracing::warn!("SA ring: event not sent: {e}");
+                    self.lose_event();
+                }
+            }
+        }
+    }
+
+    fn lose_event(&mut self) {
+        self.events_lost += 1;
+        if let Some(ring) = &self.ring {
+            ring.events.count_dropped(1);
+        }
+    }
+
+    /// The ring's indices are impossible: start a new segment (new data-plane generation; the
+    /// control process notices and re-pushes everything).
+    fn recreate(&mut self, why: &RingError) {
+        tracing::error!(path = %self.path.display(), "SA ring corrupt ({why}); recreating it");
+        self.outbox.clear();
+        // Unmap the old segment (and release its lock) before creating the new file.
+        self.ring = None;
+        self.reopen();
+    }
+
+    fn reopen(&mut self) {
+        match open(&self.path, self.params) {
+            Ok(ring) => self.ring = Some(ring),
+            Err(e) => tracing::error!("SA ring: {e}"),
+        }
+    }
+}
+
+fn open(path: &Path, params: RingParams) -> Result<Ends, ApplierError> {
+    let segment = Segment::create(path, params).map_err(|source| ApplierError::Segment {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    let ring_err = |source| ApplierError::Ring {
+        path: path.to_path_buf(),
+        source,
+    };
+    let commands = segment.receiver().map_err(ring_err)?;
+    let events = segment.sender().map_err(ring_err)?;
+    Ok(Ends {
+        commands,
+        events,
+        segment,
+    })
+}
+
+impl State {
+    /// Applies one command; returns the replies, the last being `Applied` or `Rejected`.
+    fn apply(&mut self, rec: &Record, seq: u64, now_ns: u64) -> Vec<Record> {
+        let mut out = Vec::new();
+        let result = match rec {
+            Record::AddSa(spec) => self.add_sa(spec, now_ns),
+            Record::UpdateSa(_) => Err("update not supported yet: delete and re-add".into()),
+            Record::DeleteSa(sa) => {
+                self.delete_sa(sa);
+                Ok(())
+            }
+            Record::AddPolicy(p) => self.add_policy(p),
+            Record::DeletePolicy {
+                policy_id,
+                generation,
+            } => {
+                if self
+                    .policies
+                    .get(policy_id)
+                    .is_some_and(|p| p.generation == *generation)
+                {
+                    self.policies.remove(policy_id);
+                    self.rebuild_spd();
+                }
+                Ok(())
+            }
+            Record::Flush { older_than } => {
+                self.flush(*older_than);
+                Ok(())
+            }
+            Record::QueryCounters { sa } => self.counters(sa.as_ref(), &mut out),
+            Record::Resync { generation } => {
+                tracing::info!(generation, "SA ring: resync begins");
+                Ok(())
+            }
+            other => Err(format!(
+                "{} records travel from the data plane, not to it",
+                other.kind()
+            )),
+        };
+        out.push(match result {
+            Ok(()) => Record::Applied { seq },
+            Err(reason) => Record::rejected(seq, reason),
+        });
+        out
+    }
+
+    /// A keyed hash of everything but the generation and `initial_seq` (`None` for a spec that
+    /// does not encode, which then matches nothing).
+    fn fingerprint(&self, spec: &SaSpec) -> Option<u64> {
+        let mut s = spec.clone();
+        s.generation = 0;
+        s.initial_seq = 0;
+        let mut buf = Zeroizing::new([0u8; MAX_ENCODED_LEN]);
+        match Record::AddSa(Box::new(s)).encode(&mut buf[..]) {
+            Ok(n) => Some(self.hasher.hash_one(&buf[..n])),
+            Err(_) => None,
+        }
+    }
+
+    fn add_sa(&mut self, spec: &SaSpec, now_ns: u64) -> Result<(), String> {
+        let r = spec.sa_ref();
+        let fp = self.fingerprint(spec);
+        if let Some(existing) = self.sas.get(&r) {
+            return if fp.is_some() && existing.fingerprint == fp {
+                Ok(()) // the same record again
+            } else {
+                Err(format!(
+                    "{} is already installed with other parameters; delete it first",
+                    sa_words(&r)
+                ))
+            };
+        }
+        // Adoption: the same SA re-pushed with a new generation (a resync).
+        let key = (r.direction, r.spi);
+        if let Some(gens) = self.by_spi.get(&key) {
+            let same = gens.iter().copied().find(|g| {
+                let old = SaRef {
+                    generation: *g,
+                    ..r
+                };
+                fp.is_some() && self.sas.get(&old).is_some_and(|s| s.fingerprint == fp)
+            });
+            if let Some(g) = same {
+                let old = SaRef { generation: g, ..r };
+                if let Some(sa) = self.sas.remove(&old) {
+                    self.by_id.insert(sa.id, r);
+                    self.sas.insert(r, sa);
+                }
+                if let Some(gens) = self.by_spi.get_mut(&key) {
+                    for x in gens.iter_mut() {
+                        if *x == g {
+                            *x = r.generation;
+                        }
+                    }
+                }
+                return Ok(());
+            }
+        }
+        let params = sa_params(spec)?;
+        let id = self
+            .db
+            .install(params, self.provider.as_ref(), now_ns)
+            .map_err(|e| e.to_string())?; // names the SPI or the name already; ≤ 96 bytes
+        self.sas.insert(
+            r,
+            InstalledSa {
+                id,
+                name: spec.name.clone(),
+                direction: r.direction,
+                fingerprint: fp,
+            },
+        );
+        self.by_spi.entry(key).or_default().push(r.generation);
+        self.by_id.insert(id, r);
+        if r.direction == record::Direction::Out && self.protects_with(&spec.name) {
+            self.rebuild_spd();
+        }
+        Ok(())
+    }
+
+    fn protects_with(&self, name: &str) -> bool {
+        self.policies
+            .values()
+            .any(|p| matches!(&p.action, PolicyAction::Protect { sa_name } if sa_name == name))
+    }
+
+    /// Removes an SA installed through the ring (absent: nothing to do).
+    fn delete_sa(&mut self, r: &SaRef) {
+        let Some(sa) = self.forget(r) else {
+            return;
+        };
+        // The SPD first, so no new packet picks the SA up; then the SA (its keys are zeroized
+        // once the workers have left their current burst).
+        if self.protects_with(&sa.name) {
+            self.rebuild_spd();
+        }
+        self.remove_from_db(&sa);
+    }
+
+    fn remove_from_db(&self, sa: &InstalledSa) {
+        if let Err(e) = self.db.remove(sa.id) {
+            tracing::warn!(sa = %sa.name, "SA ring: removing the SA: {e}");
+        }
+    }
+
+    /// Takes an SA out of the applier's tables (not yet out of the database).
+    fn forget(&mut self, r: &SaRef) -> Option<InstalledSa> {
+        let sa = self.sas.remove(r)?;
+        let key = (r.direction, r.spi);
+        if let Some(gens) = self.by_spi.get_mut(&key) {
+            gens.retain(|g| *g != r.generation);
+            if gens.is_empty() {
+                self.by_spi.remove(&key);
+            }
+        }
+        self.by_id.remove(&sa.id);
+        Some(sa)
+    }
+
+    fn add_policy(&mut self, p: &PolicySpec) -> Result<(), String> {
+        if p.direction == record::Direction::In {
+            return Err(format!(
+                "policy {}: inbound policies are not enforced here; put the selectors on the inbound SA",
+                p.policy_id
+            ));
+        }
+        if let Some(old) = self.policies.get(&p.policy_id)
+            && old.generation > p.generation
+        {
+            return Err(format!(
+                "policy {} is installed with newer generation {} (this record has {})",
+                p.policy_id, old.generation, p.generation
+            ));
+        }
+        if let PolicyAction::Protect { sa_name } = &p.action {
+            let out = self
+                .sas
+                .values()
+                .any(|s| s.name == *sa_name && s.direction == record::Direction::Out)
+                || matches!(self.file_sas.get(sa_name), Some((_, Direction::Out)));
+            if !out {
+                return Err(format!(
+                    "policy {}: no outbound SA named {sa_name:?} is installed; add the SA first",
+                    p.policy_id
+                ));
+            }
+        }
+        self.policies.insert(p.policy_id, p.clone());
+        self.rebuild_spd();
+        Ok(())
+    }
+
+    fn flush(&mut self, older_than: u64) {
+        let before = self.policies.len();
+        self.policies.retain(|_, p| p.generation >= older_than);
+        let old: Vec<SaRef> = self
+            .sas
+            .keys()
+            .filter(|r| r.generation < older_than)
+            .copied()
+            .collect();
+        let gone: Vec<InstalledSa> = old.iter().filter_map(|r| self.forget(r)).collect();
+        // One SPD for the whole flush, swapped in before any SA leaves the database.
+        if self.policies.len() != before || gone.iter().any(|sa| self.protects_with(&sa.name)) {
+            self.rebuild_spd();
+        }
+        for sa in &gone {
+            self.remove_from_db(sa);
+        }
+    }
+
+    /// The configuration file's policies, then the ring's by (priority, id); swapped in whole.
+    fn rebuild_spd(&self) {
+        let mut ring: Vec<&PolicySpec> = self.policies.values().collect();
+        ring.sort_by_key(|p| (p.priority, p.policy_id));
+        let mut spd = self.base.clone();
+        // An SA being deleted is gone from `sas` already.
+        let managed: HashMap<&str, SaId> =
+            self.sas.values().map(|s| (s.name.as_str(), s.id)).collect();
+        for p in ring {
+            let action = match &p.action {
+                PolicyAction::Protect { sa_name } => match managed.get(sa_name.as_str()) {
+                    Some(id) => Action::Protect(*id),
+                    None => match self.file_sas.get(sa_name) {
+                        Some((id, Direction::Out)) => Action::Protect(*id),
+                        // The SA is gone: fail closed.
+                        _ => Action::Discard,
+                    },
+                },
+                PolicyAction::Bypass => Action::Bypass,
+                PolicyAction::Discard => Action::Discard,
+            };
+            spd.policies.push(Policy {
+                selector: selector(&p.selector),
+                action,
+            });
+        }
+        self.db.set_spd(spd);
+    }
+
+    fn counters(&self, sa: Option<&SaRef>, out: &mut Vec<Record>) -> Result<(), String> {
+        let guard = crossbeam_epoch::pin();
+        let one = |r: &SaRef, id: SaId| -> Option<Record> {
+            let s = self.db.get(id, &guard)?;
+            let drops = s.counters.drops.snapshot();
+            Some(Record::CountersReply(SaCounters {
+                sa: *r,
+                packets: s
+                    .counters
+                    .packets
+                    .load(std::sync::atomic::Ordering::Relaxed),
+                bytes: s.counters.bytes.load(std::sync::atomic::Ordering::Relaxed),
+                drops: drops.0.iter().sum(),
+                replay_drops: drops.get(DropReason::Replay) + drops.get(DropReason::TooOld),
+                auth_failures: drops.get(DropReason::AuthFailed),
+                last_seq: match s.direction {
+                    Direction::Out => s.last_seq(),
+                    Direction::In => s.replay.top(),
+                },
+            }))
+        };
+        match sa {
+            Some(r) => {
+                let reply = self.sas.get(r).and_then(|s| one(r, s.id));
+                match reply {
+                    Some(rec) => out.push(rec),
+                    None => return Err(format!("no such SA: {}", sa_words(r))),
+                }
+            }
+            None => {
+                let mut all: Vec<(&SaRef, &InstalledSa)> = self.sas.iter().collect();
+                all.sort_by_key(|(r, _)| (r.spi, r.generation, r.direction as u8));
+                out.extend(all.into_iter().filter_map(|(r, s)| one(r, s.id)));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// "inbound SA 0x00001001 generation 7".
+fn sa_words(r: &SaRef) -> String {
+    let dir = match r.direction {
+        record::Direction::In => "inbound",
+        record::Direction::Out => "outbound",
+    };
+    format!("{dir} SA {:#010x} generation {}", r.spi, r.generation)
+}
+
+fn selector(s: &record::Selector) -> policy::Selector {
+    policy::Selector {
+        src: Prefix::new(s.src.addr, s.src.len),
+        dst: Prefix::new(s.dst.addr, s.dst.len),
+        protocol: (s.protocol != 0).then_some(s.protocol),
+        src_ports: policy::PortRange {
+            lo: s.src_ports.first,
+            hi: s.src_ports.last,
+        },
+        dst_ports: policy::PortRange {
+            lo: s.dst_ports.first,
+            hi: s.dst_ports.last,
+        },
+    }
+}
+
+fn limit(v: u64) -> Option<u64> {
+    (v != 0).then_some(v)
+}
+
+fn check_addr(what: &str, a: IpAddr) -> Result<(), String> {
+    if a.is_unspecified() || a.is_multicast() {
+        return Err(format!("{what} address {a} cannot carry ESP"));
+    }
+    if let IpAddr::V4(v4) = a
+        && v4.is_broadcast()
+    {
+        return Err(format!("{what} address {a} cannot carry ESP"));
+    }
+    Ok(())
+}
+
+/// A decoded `AddSa` as the SA database's parameters, with the checks decoding does not do.
+pub fn sa_params(s: &SaSpec) -> Result<SaParams, String> {
+    let who = format!("SA {:?}", s.name);
+    check_addr(&format!("{who}: local"), s.local)?;
+    check_addr(&format!("{who}: remote"), s.remote)?;
+    if s.local.is_ipv4() != s.remote.is_ipv4() {
+        return Err(format!(
+            "{who}: local and remote addresses of different families"
+        ));
+    }
+    if let Some(e) = s.encap
+        && (e.local_port == 0 || e.remote_port == 0)
+    {
+        return Err(format!("{who}: UDP encapsulation with port 0"));
+    }
+    let l = &s.lifetime;
+    for (what, soft, hard) in [
+        ("seconds", l.soft_seconds, l.hard_seconds),
+        ("bytes", l.soft_bytes, l.hard_bytes),
+        ("packets", l.soft_packets, l.hard_packets),
+    ] {
+        if soft != 0 && hard != 0 && soft > hard {
+            return Err(format!(
+                "{who}: soft lifetime of {soft} {what} is above the hard one ({hard})"
+            ));
+        }
+    }
+    for sel in &s.selectors {
+        if sel.src.addr.is_ipv4() != sel.dst.addr.is_ipv4() {
+            return Err(format!("{who}: a selector mixes IPv4 and IPv6"));
+        }
+    }
+    use record::{EncAlg, IntegAlg as RI};
+    let integ = match s.integ_alg {
+        RI::None => None,
+        RI::HmacMd5_96 => Some(espgw_crypto::IntegAlg::HmacMd5_96),
+        RI::HmacSha1_96 => Some(espgw_crypto::IntegAlg::HmacSha1_96),
+        RI::HmacSha2_256_128 => Some(espgw_crypto::IntegAlg::HmacSha256_128),
+        RI::HmacSha2_384_192 => Some(espgw_crypto::IntegAlg::HmacSha384_192),
+        RI::HmacSha2_512_256 => Some(espgw_crypto::IntegAlg::HmacSha512_256),
+    };
+    let aead = |alg, icv_len| Transform::Aead { alg, icv_len };
+    let cbc = |cipher| match integ {
+        Some(integ) => Ok(Transform::CipherAuth { cipher, integ }),
+        None => Err(format!("{who}: {} needs an integrity algorithm", s.enc_alg)),
+    };
+    let transform = match s.enc_alg {
+        EncAlg::Aes128Gcm16 => aead(AeadAlg::Aes128Gcm, 16),
+        EncAlg::Aes128Gcm12 => aead(AeadAlg::Aes128Gcm, 12),
+        EncAlg::Aes128Gcm8 => aead(AeadAlg::Aes128Gcm, 8),
+        EncAlg::Aes256Gcm16 => aead(AeadAlg::Aes256Gcm, 16),
+        EncAlg::Aes256Gcm12 => aead(AeadAlg::Aes256Gcm, 12),
+        EncAlg::Aes256Gcm8 => aead(AeadAlg::Aes256Gcm, 8),
+        EncAlg::Aes128Cbc => cbc(CipherAlg::Aes128Cbc)?,
+        EncAlg::Aes256Cbc => cbc(CipherAlg::Aes256Cbc)?,
+        EncAlg::TripleDesCbc => cbc(CipherAlg::TripleDesCbc)?,
+        EncAlg::Null => cbc(CipherAlg::Null)?,
+    };
+    if s.enc_alg.is_aead() && integ.is_some() {
+        return Err(format!(
+            "{who}: {} is combined mode and takes no integrity algorithm",
+            s.enc_alg
+        ));
+    }
+    if s.enc_key.len() != s.enc_alg.key_len() || s.salt.len() != s.enc_alg.salt_len() {
+        return Err(format!(
+            "{who}: {} needs a {}-byte key and a {}-byte salt, got {} and {}",
+            s.enc_alg,
+            s.enc_alg.key_len(),
+            s.enc_alg.salt_len(),
+            s.enc_key.len(),
+            s.salt.len()
+        ));
+    }
+    if s.integ_key.len() != s.integ_alg.key_len() {
+        return Err(format!(
+            "{who}: {} needs a {}-byte key, got {}",
+            s.integ_alg,
+            s.integ_alg.key_len(),
+            s.integ_key.len()
+        ));
+    }
+    // GCM: the AES key followed by the salt, as the crypto backend takes it.
+    let mut enc = Zeroizing::new(Vec::with_capacity(s.enc_key.len() + s.salt.len()));
+    enc.extend_from_slice(s.enc_key.as_bytes());
+    enc.extend_from_slice(s.salt.as_bytes());
+    let keys = SaKeys::new(&enc, s.integ_key.as_bytes());
+    Ok(SaParams {
+        name: s.name.clone(),
+        direction: match s.direction {
+            record::Direction::In => Direction::In,
+            record::Direction::Out => Direction::Out,
+        },
+        spi: s.spi,
+        mode: match s.mode {
+            record::Mode::Tunnel => Mode::Tunnel,
+            record::Mode::Transport => Mode::Transport,
+        },
+        local: s.local,
+        remote: s.remote,
+        encap: s.encap.map(|e| sa::UdpEncap {
+            sport: e.local_port,
+            dport: e.remote_port,
+        }),
+        transform,
+        keys,
+        esn: s.esn,
+        replay_window: s.replay_window,
+        initial_seq: s.initial_seq,
+        lifetime: Lifetime {
+            soft_bytes: limit(l.soft_bytes),
+            hard_bytes: limit(l.hard_bytes),
+            soft_packets: limit(l.soft_packets),
+            hard_packets: limit(l.hard_packets),
+            soft_seconds: limit(l.soft_seconds),
+            hard_seconds: limit(l.hard_seconds),
+        },
+        selectors: s.selectors.iter().map(selector).collect(),
+        df: match s.df {
+            record::DfMode::Copy => DfMode::Copy,
+            record::DfMode::Set => DfMode::Set,
+            record::DfMode::Clear => DfMode::Clear,
+        },
+        dscp: match s.dscp {
+            record::DscpMode::Copy => DscpMode::Copy,
+            record::DscpMode::Set(v) => DscpMode::Set(v),
+        },
+        ecn: match s.ecn {
+            record::EcnMode::Normal => EcnMode::Normal,
+            record::EcnMode::Compat => EcnMode::Compat,
+        },
+        outer_ttl: s.outer_ttl,
+        pad_align: None,
+    })
+}
