@@ -858,18 +858,9 @@ impl BurstIo {
                 self.scratch.extend_from_slice(pkt);
             }
             xw.release(base);
-            let eth_len = match self.scratch.get(12..14) {
-                Some([0x81, 0x00]) | Some([0x88, 0xa8]) => 18,
-                _ => 14,
-            };
-            let Some(ip) = self.scratch.get(eth_len..) else {
-                self.extra.add(DropReason::Truncated, 1);
-                continue;
-            };
-            let eth = &self.scratch[..eth_len];
             let mut pieces: ArrayVec<XdpDesc, 64> = ArrayVec::new();
             let mut lost = 0;
-            let n = icmp::fragment_v4(ip, usize::from(max), |h, d| {
+            let n = icmp::fragment_frame(&self.scratch, usize::from(max), |eth, h, d| {
                 let Some(b) = xw.alloc() else {
                     lost += 1;
                     return;

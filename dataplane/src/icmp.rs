@@ -156,6 +156,24 @@ pub fn fragment_v4(ip: &[u8], max_ip: usize, mut emit: impl FnMut(&[u8; 20], &[u
     n
 }
 
+/// [`fragment_v4`] for an Ethernet frame (optionally 802.1Q/802.1ad tagged): `emit(ethernet,
+/// header, payload)` per piece, the Ethernet header being the frame's own.
+pub fn fragment_frame(
+    frame: &[u8],
+    max_ip: usize,
+    mut emit: impl FnMut(&[u8], &[u8; 20], &[u8]),
+) -> usize {
+    let eth_len = match frame.get(12..14) {
+        Some([0x81, 0x00]) | Some([0x88, 0xa8]) => 18,
+        _ => 14,
+    };
+    if frame.len() < eth_len {
+        return 0;
+    }
+    let (eth, ip) = frame.split_at(eth_len);
+    fragment_v4(ip, max_ip, |h, d| emit(eth, h, d))
+}
+
 /// If `pkt` (an IP packet whose upper-layer header starts at `upper`) is a TCP segment with SYN
 /// set and an MSS option above `mss`, lower the option to `mss` and patch the TCP checksum
 /// (RFC 1624). Returns whether the packet changed.

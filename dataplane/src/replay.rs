@@ -238,56 +238,46 @@ pub fn run_with_config(
         }
         let n = frames.len();
         pipe.process(port, &mut frames, &mut verdicts[..n], now);
-        let mut split = Vec::new();
-        for (f, (v, i)) in frames.iter().zip(verdicts[..n].iter().zip(idx.iter())) {
-            let (ts, _) = meta[*i];
+        let mut write = |ts: Duration, f: &Frame<'_>, v: &Verdict| -> Result<(), ReplayError> {
             if matches!(v, Verdict::TxWan | Verdict::TxLan | Verdict::ToHost) {
                 let d = f.data();
                 writer
                     .write_packet(&PcapPacket::new(ts, d.len() as u32, d))
                     .map_err(|e| file_err(output, e))?;
                 frames_out += 1;
-            } else if let Verdict::Fragment(max) = v {
+            }
+            Ok(())
+        };
+        let mut split = Vec::new();
+        for (f, (v, i)) in frames.iter().zip(verdicts[..n].iter().zip(idx.iter())) {
+            let (ts, _) = meta[*i];
+            write(ts, f, v)?;
+            if let Verdict::Fragment(max) = v {
                 split.push((ts, f.data().to_vec(), *max));
             }
         }
         drop(frames);
         // Fragmentation before encryption: the pieces go through the pipeline in their turn.
         for (ts, pkt, max) in split {
-            let eth_len = match pkt.get(12..14) {
-                Some([0x81, 0x00]) | Some([0x88, 0xa8]) => 18,
-                _ => 14,
-            };
-            let (eth, ip) = pkt.split_at(eth_len.min(pkt.len()));
-            let mut pieces: Vec<Vec<u8>> = Vec::new();
-            crate::icmp::fragment_v4(ip, usize::from(max), |h, d| {
-                let mut b = vec![0u8; HEADROOM + eth.len() + h.len() + d.len() + TAILROOM];
+            let mut pieces: Vec<(Vec<u8>, usize)> = Vec::new();
+            crate::icmp::fragment_frame(&pkt, usize::from(max), |eth, h, d| {
+                let len = eth.len() + h.len() + d.len();
+                let mut b = vec![0u8; HEADROOM + len + TAILROOM];
                 let mut at = HEADROOM;
                 for part in [eth, &h[..], d] {
                     b[at..at + part.len()].copy_from_slice(part);
                     at += part.len();
                 }
-                pieces.push(b);
+                pieces.push((b, len));
             });
-            let lens: Vec<usize> = pieces
-                .iter()
-                .map(|b| b.len() - HEADROOM - TAILROOM)
-                .collect();
             let mut pf: Vec<Frame<'_>> = pieces
                 .iter_mut()
-                .zip(&lens)
                 .filter_map(|(b, l)| Frame::new(b, HEADROOM, *l))
                 .collect();
             let mut pv = vec![Verdict::Drop(DropReason::Unsupported); pf.len()];
             pipe.process(port, &mut pf, &mut pv, now);
             for (f, v) in pf.iter().zip(&pv) {
-                if matches!(v, Verdict::TxWan | Verdict::TxLan | Verdict::ToHost) {
-                    let d = f.data();
-                    writer
-                        .write_packet(&PcapPacket::new(ts, d.len() as u32, d))
-                        .map_err(|e| file_err(output, e))?;
-                    frames_out += 1;
-                }
+                write(ts, f, v)?;
             }
         }
         fill(&mut reader, &mut bufs, &mut meta, &mut oversize)?;
