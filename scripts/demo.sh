@@ -155,6 +155,9 @@ PIDS=()
 left=$(ip -n $NS_GA link show; ip -n $NS_GB link show)
 if grep -q "prog/xdp" <<<"$left"; then echo "  an XDP program was left behind!"; exit 1; fi
 echo "  no XDP program left on the gateways' interfaces"
+if grep -h "frame accounting" "$WORK"/a.err "$WORK"/b.err; then
+    echo "  a gateway lost track of its AF_XDP frames!"; exit 1
+fi
 if [ "$GOT" = 2097152 ]; then
     echo; echo "demo OK: ping, 2 MB TCP and the PMTU answer went through two espgw gateways."
 else

@@ -143,7 +143,6 @@ struct Shared {
     xdp: Mutex<Vec<XdpPort>>,
     hops: Arc<KernelNextHops>,
     started: Instant,
-    events_logged: Mutex<u64>,
 }
 
 impl Shared {
@@ -398,7 +397,6 @@ pub fn run(
         xdp: Mutex::new(vec![wan_xdp, lan_xdp]),
         hops: Arc::clone(&hops),
         started: Instant::now(),
-        events_logged: Mutex::new(0),
     });
 
     let ring_thread = match applier {
@@ -584,16 +582,13 @@ fn main_loop(shared: &Arc<Shared>, listener: &UnixListener, log_sa_events: bool)
 
 fn log_events(shared: &Shared) {
     for e in shared.db.drain_events() {
-        log_event(shared, &e);
+        log_event(&e);
     }
 }
 
-fn log_event(shared: &Shared, e: &crate::sa::Event) {
+fn log_event(e: &crate::sa::Event) {
     let ev = serde_json::to_string(e).unwrap_or_default();
     tracing::warn!(spi = format_args!("{:#010x}", e.spi), event = %ev, "SA lifetime event");
-    if let Ok(mut n) = shared.events_logged.lock() {
-        *n += 1;
-    }
 }
 
 // ---- SA ring (issue 4): the applier runs in its own thread, "espgw-ring". ----
@@ -613,8 +608,7 @@ fn start_ring_thread(
     if let Some(seg) = applier.segment() {
         tracing::info!(path = %seg.path().display(), "SA ring ready");
     }
-    let for_hook = Arc::clone(shared);
-    applier.set_event_hook(Box::new(move |e| log_event(&for_hook, e)));
+    applier.set_event_hook(Box::new(log_event));
     let shared = Arc::clone(shared);
     std::thread::Builder::new()
         .name("espgw-ring".into())
@@ -917,6 +911,14 @@ fn publish(
     reasm: &Reassembler,
     idle_polls: u64,
 ) {
+    // Between bursts the worker holds no frame: every one is free or in a ring.
+    if !xw.frames_accounted() {
+        tracing::error!(
+            worker = idx,
+            free = xw.free_frames(),
+            "AF_XDP frame accounting is off: a frame was lost or freed twice"
+        );
+    }
     let mut counters = pipe.counters().clone();
     for r in DropReason::ALL {
         counters.drops.add(*r, extra.get(*r));

@@ -12,7 +12,7 @@
 //! Frames are owned by exactly one of: the worker's free list, a fill ring, an RX ring (kernel
 //! filled it, worker has not read it), the worker (between RX and TX/free), a TX ring, a
 //! completion ring. Every path returns a frame to the free list; the counts are checked in
-//! [`XskWorker::frames_accounted`].
+//! [`XskWorker::frames_accounted`] each time a worker publishes its counters.
 //!
 //! This module holds the project's `unsafe` for the UMEM: the mapping itself and the slices of
 //! frames the worker owns.
@@ -248,7 +248,8 @@ impl PortSocket {
 pub struct XskWorker {
     // Field order is drop order: the sockets and the UMEM go before the memory they use.
     sockets: Vec<PortSocket>,
-    umem: Umem,
+    /// Never read: held so the UMEM outlives its sockets and is released before the area.
+    _umem: Umem,
     free: Vec<u64>,
     frames: u32,
     area: Area,
@@ -388,7 +389,7 @@ impl XskWorker {
             .collect();
         let mut w = XskWorker {
             sockets,
-            umem,
+            _umem: umem,
             free,
             frames,
             area,
@@ -576,10 +577,5 @@ impl XskWorker {
             let frame = unsafe { std::slice::from_raw_parts_mut(base.as_ptr().add(chunk), fs) };
             out.push(Some((frame, off, len)));
         }
-    }
-
-    /// The UMEM (kept alive with the sockets).
-    pub fn umem(&self) -> &Umem {
-        &self.umem
     }
 }
