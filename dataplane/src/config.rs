@@ -177,6 +177,10 @@ pub struct RunConfig {
     /// `ring = "/dev/shm/espgw.ring"`: create the shared-memory SA ring here and apply what the
     /// control process pushes through it (`ringapply`); `None` (the default): static SAs only.
     pub ring: Option<std::path::PathBuf>,
+    /// `idle_seconds`: an SA that carried no packet for this long is reported to the control
+    /// process (an `Idle` event, for DPD and idle teardown); 0: never. Default 30 (strongSwan's
+    /// and Cisco's usual DPD delay).
+    pub idle_seconds: u64,
 }
 
 /// How the XDP program is attached.
@@ -198,6 +202,7 @@ impl Default for RunConfig {
             xdp_mode: XdpMode::Native,
             stats_socket: "/run/espgw/dataplane.sock".into(),
             ring: None,
+            idle_seconds: 30,
         }
     }
 }
@@ -277,6 +282,7 @@ struct RawDataplane {
     xdp_mode: Option<Spanned<String>>,
     stats_socket: Option<Spanned<String>>,
     ring: Option<Spanned<String>>,
+    idle_seconds: Option<Spanned<u64>>,
 }
 
 #[derive(Deserialize, Default)]
@@ -747,6 +753,10 @@ fn run_config(ctx: &mut Ctx<'_>, d: &RawDataplane) -> RunConfig {
         } else {
             rc.ring = Some(p.get_ref().into());
         }
+    }
+    if let Some(v) = &d.idle_seconds {
+        rc.idle_seconds =
+            small::<u64>(ctx, v, "idle_seconds", 0..=86_400).unwrap_or(rc.idle_seconds);
     }
     rc
 }

@@ -325,6 +325,7 @@ pub fn run(
     }
 
     let db = Arc::new(SaDb::new(cfg.dataplane.max_sas));
+    db.set_idle_seconds(rc.idle_seconds);
     let installed = config::install(cfg, &db, &SoftwareProvider, now_ns()).map_err(|source| {
         RunError::Install {
             file: file.clone(),
@@ -584,11 +585,31 @@ fn log_events(shared: &Shared) {
     for e in shared.db.drain_events() {
         log_event(&e);
     }
+    for u in shared.db.drain_unknown_spi() {
+        tracing::info!(
+            spi = format_args!("{:#010x}", u.spi), src = %u.src, sport = u.sport,
+            "ESP for an unknown SPI (reports are rate-limited; all are counted as unknown_spi)"
+        );
+    }
 }
 
 fn log_event(e: &crate::sa::Event) {
+    use crate::sa::EventKind;
     let ev = serde_json::to_string(e).unwrap_or_default();
-    tracing::warn!(spi = format_args!("{:#010x}", e.spi), event = %ev, "SA lifetime event");
+    let spi = format_args!("{:#010x}", e.spi);
+    match e.kind {
+        EventKind::SoftExpired { .. }
+        | EventKind::HardExpired { .. }
+        | EventKind::SeqNearExhaustion => {
+            tracing::warn!(spi = %spi, event = %ev, "SA lifetime event")
+        }
+        EventKind::NatMappingChanged { .. } => {
+            tracing::info!(spi = %spi, event = %ev, "the peer's NAT mapping changed")
+        }
+        EventKind::FirstPacket | EventKind::Idle { .. } => {
+            tracing::debug!(spi = %spi, event = %ev, "SA event")
+        }
+    }
 }
 
 // ---- SA ring (issue 4): the applier runs in its own thread, "espgw-ring". ----

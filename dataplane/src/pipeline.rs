@@ -29,7 +29,9 @@ use crate::counters::{DropReason, WorkerCounters};
 use crate::icmp;
 use crate::nexthop::NextHops;
 use crate::policy::{Action, FlowAddr, FlowKey, Spd};
-use crate::sa::{DfMode, DscpMode, EcnMode, EventSink, Mode, RunCounts, Sa, SaId};
+use crate::sa::{
+    DfMode, DscpMode, EcnMode, EventSink, Mode, Peer, RunCounts, Sa, SaId, UnknownSpi,
+};
 use crate::sadb::SaDb;
 use arrayvec::ArrayVec;
 use espgw_crypto::{EspOp, OpStatus, WorkerCtx};
@@ -451,6 +453,9 @@ struct Meta<'g> {
     /// Outbound: the largest inner packet that fits the tunnel, when this one did not and may
     /// not be fragmented (an ICMP error goes back with it).
     pmtu: u16,
+    /// Inbound, UDP-encapsulated: the outer source differs from the SA's peer (reported as a
+    /// NAT mapping change if the packet authenticates).
+    nat: bool,
 }
 
 impl Meta<'_> {
@@ -477,6 +482,7 @@ impl Meta<'_> {
         todo: Todo::Done,
         status: OpStatus::Pending,
         pmtu: 0,
+        nat: false,
     };
 
     #[inline]
@@ -563,11 +569,14 @@ impl<'g> OutCache<'g> {
             self.id = Some(id);
             self.sa = db.get(id, guard);
             if let Some(sa) = self.sa {
-                self.mac = hops.resolve(net, PortId::Wan, sa.remote);
+                // One snapshot of the peer for the next hop and the headers (an update may
+                // move it at any time).
+                let peer = **sa.peer();
+                self.mac = hops.resolve(net, PortId::Wan, peer.remote);
                 if let (Ok(mac), Mode::Tunnel) = (self.mac, sa.mode) {
                     // At most one template per frame of the chunk: never full.
                     self.tpl = tpls.len() as u8;
-                    let _ = tpls.try_push(OuterTemplate::new(sa, mac, &net.wan));
+                    let _ = tpls.try_push(OuterTemplate::new(sa, &peer, mac, &net.wan));
                 }
             }
         }
@@ -832,10 +841,8 @@ impl Pipeline {
                 sa.count_drop(DropReason::BadLength, 1);
                 continue;
             }
-            if sa.encap.is_some()
-                && let (IpAddr::V6(s), IpAddr::V6(d)) = (sa.local, sa.remote)
-            {
-                fill_udp6_checksum(f, m, &s, &d);
+            if sa.udp_encap && sa.local.is_ipv6() {
+                fill_udp6_checksum(f, m);
             }
             m.verdict = Verdict::TxWan;
         }
@@ -881,6 +888,11 @@ impl Pipeline {
                 continue;
             }
             let Some(sa) = m.sa else { continue };
+            if m.nat && m.status == OpStatus::Ok && mark.is_ok() {
+                // Authenticated: the peer really is behind the new mapping now.
+                let (src, sport) = outer_source(f, &m.l3);
+                sa.note_source(src, sport, now_ns, &sink);
+            }
             m.verdict = match finish_in(f, m, sa, mark, &net, &mut hops) {
                 Ok(v) => v,
                 Err(r) => {
@@ -1056,14 +1068,10 @@ fn classify_out<'g>(
     }
     // Sizes: does the result fit the MTU and the buffer?
     let inner_len = l3.ip_len();
-    let udp = if sa.encap.is_some() {
-        udp::HEADER_LEN
-    } else {
-        0
-    };
+    let udp = if sa.udp_encap { udp::HEADER_LEN } else { 0 };
     let (front, payload) = match sa.mode {
         Mode::Tunnel => (
-            if sa.remote.is_ipv6() {
+            if sa.local.is_ipv6() {
                 ipv6::HEADER_LEN
             } else {
                 ipv4::HEADER_LEN
@@ -1240,11 +1248,13 @@ fn classify_in<'g>(
     }
     let ip_at = l3.eth_len();
     let ip_end = ip_at + l3.ip_len();
-    let (_, dst) = l3.addrs(&data[ip_at..]);
+    let (src, dst) = l3.addrs(&data[ip_at..]);
     if !net.is_wan_ours(&dst) {
         return Err(Verdict::ToHost);
     }
     let upper = ip_at + usize::from(l3.upper);
+    // UDP source and destination ports (0, 0 for plain ESP).
+    let mut ports = (0u16, 0u16);
     let (esp_at, esp_end) = match l3.proto {
         protocol::ESP => {
             if l3.fragment() {
@@ -1269,6 +1279,7 @@ fn classify_in<'g>(
                 natt::UdpEncapPayload::NonEsp => return Err(Verdict::ToHost),
                 natt::UdpEncapPayload::Esp => {}
             }
+            ports = (u.src_port(), u.dst_port());
             (upper + udp::HEADER_LEN, upper + usize::from(u.len()))
         }
         _ => return Err(Verdict::ToHost),
@@ -1277,6 +1288,14 @@ fn classify_in<'g>(
         .map_err(|e| Verdict::Drop(wire_err(e)))?;
     let spi = e.spi();
     let Some(sa) = sas.get((spi, dst), || db.lookup_inbound(spi, dst.ip(), guard)) else {
+        db.report_unknown_spi(UnknownSpi {
+            at_ns: now_ns,
+            spi,
+            src: src.ip(),
+            dst: dst.ip(),
+            sport: ports.0,
+            dport: ports.1,
+        });
         return Err(Verdict::Drop(DropReason::UnknownSpi));
     };
     let drop = |r: DropReason| {
@@ -1296,6 +1315,10 @@ fn classify_in<'g>(
     if let Err(r) = sa.replay.check(seq) {
         return Err(drop(replay_reason(r)));
     }
+    if sa.udp_encap {
+        let peer = sa.peer();
+        m.nat = peer.remote != src.ip() || peer.encap.is_some_and(|e| e.dport != ports.0);
+    }
     m.sa = Some(sa);
     m.todo = Todo::Open;
     // A frame's offsets fit u32 (frames are at most 64 KiB into a buffer).
@@ -1310,6 +1333,19 @@ fn replay_reason(r: ReplayError) -> DropReason {
         ReplayError::Replay => DropReason::Replay,
         ReplayError::TooOld => DropReason::TooOld,
     }
+}
+
+/// The outer source address and UDP source port of a received ESP-in-UDP frame (before
+/// decapsulation), from its parsed outer header.
+fn outer_source(f: &Frame<'_>, l3: &L3) -> (IpAddr, u16) {
+    let data = f.data();
+    let ip_at = l3.eth_len();
+    let (src, _) = l3.addrs(&data[ip_at..]);
+    let at = ip_at + usize::from(l3.upper);
+    let sport = data
+        .get(at..at + 2)
+        .map_or(0, |b| u16::from_be_bytes([b[0], b[1]]));
+    (src.ip(), sport)
 }
 
 /// After `open`: replay window, trailer, decapsulation. Returns the verdict or a drop reason to
@@ -1449,7 +1485,7 @@ fn decap_transport(
     }
     // RFC 3948 §3.1.2: behind a NAT the peer computed TCP/UDP checksums over addresses that
     // changed on the way; the payload is authenticated, so recompute them.
-    if sa.encap.is_some() {
+    if sa.udp_encap {
         fix_l4_checksum(pkt, v6, keep, t.next_header);
     }
     let mut inner = L3::default();
@@ -1562,19 +1598,19 @@ struct OuterTemplate {
 impl OuterTemplate {
     const MAX: usize = ethernet::VLAN_HEADER_LEN + ipv6::HEADER_LEN + udp::HEADER_LEN;
 
-    fn new(sa: &Sa, mac: ethernet::EthernetAddress, wan: &PortConfig) -> Self {
+    fn new(sa: &Sa, peer: &Peer, mac: ethernet::EthernetAddress, wan: &PortConfig) -> Self {
         let eth_len = if wan.vlan.is_some() {
             ethernet::VLAN_HEADER_LEN
         } else {
             ethernet::HEADER_LEN
         };
-        let v6 = sa.remote.is_ipv6();
+        let v6 = peer.remote.is_ipv6();
         let ip_len = if v6 {
             ipv6::HEADER_LEN
         } else {
             ipv4::HEADER_LEN
         };
-        let udp = sa.encap.is_some();
+        let udp = peer.encap.is_some();
         let len = eth_len + ip_len + if udp { udp::HEADER_LEN } else { 0 };
         let mut t = OuterTemplate {
             bytes: [0; Self::MAX],
@@ -1592,7 +1628,7 @@ impl OuterTemplate {
         };
         let _ = ethernet::emit_header(h, mac, wan.mac, wan.vlan, ethertype);
         let next = if udp { protocol::UDP } else { protocol::ESP };
-        match (sa.local, sa.remote) {
+        match (sa.local, peer.remote) {
             (IpAddr::V4(src), IpAddr::V4(dst)) => {
                 let ip = ipv4::Ipv4Header {
                     src,
@@ -1632,7 +1668,7 @@ impl OuterTemplate {
             // Configuration guarantees one family for both outer addresses.
             _ => {}
         }
-        if let Some(e) = sa.encap {
+        if let Some(e) = peer.encap {
             let _ = udp::emit_header(
                 &mut h[eth_len + ip_len..],
                 e.sport,
@@ -1751,15 +1787,11 @@ fn build_transport(f: &mut Frame<'_>, m: &mut Meta<'_>, sa: &Sa, wan: &PortConfi
     let payload_len = l3.ip_len() - keep;
     let esp_off = m.esp_off as usize;
     let esp_len = m.esp_len as usize;
-    let udp_len = if sa.encap.is_some() {
-        udp::HEADER_LEN
-    } else {
-        0
-    };
+    let udp_len = if sa.udp_encap { udp::HEADER_LEN } else { 0 };
     let ip_at = esp_off - udp_len - keep;
     f.buf.copy_within(old_ip..old_ip + keep, ip_at);
     let nh = f.buf[ip_at + nh_field];
-    f.buf[ip_at + nh_field] = if sa.encap.is_some() {
+    f.buf[ip_at + nh_field] = if sa.udp_encap {
         protocol::UDP
     } else {
         protocol::ESP
@@ -1768,7 +1800,7 @@ fn build_transport(f: &mut Frame<'_>, m: &mut Meta<'_>, sa: &Sa, wan: &PortConfi
     let pad = esp::pad_len(payload_len, sa.pad_align);
     let _ = esp::write_trailer(&mut f.buf[tail..tail + pad + 2], pad, nh);
     write_esp_header(f.buf, esp_off, sa.spi, m.seq);
-    if let Some(e) = sa.encap {
+    if let Some(e) = sa.peer().encap {
         let at = esp_off - udp::HEADER_LEN;
         let _ = udp::emit_header(
             &mut f.buf[at..esp_off],
@@ -1818,11 +1850,26 @@ fn finish_outer(f: &mut Frame<'_>, m: &Meta<'_>, ip_at: usize, v6: bool, wan: &P
 
 /// UDP checksum of an IPv6 ESP-in-UDP packet (mandatory over IPv6, RFC 8200 §8.1); after the
 /// crypto because it covers the ciphertext.
-fn fill_udp6_checksum(f: &mut Frame<'_>, m: &Meta<'_>, s: &Ipv6Addr, d: &Ipv6Addr) {
+/// The UDP checksum of an ESP-in-UDP packet we built over IPv6 (mandatory there), over the
+/// addresses in the packet's own outer header (what was sent, whatever an update did since).
+fn fill_udp6_checksum(f: &mut Frame<'_>, m: &Meta<'_>) {
+    let Ok(eth) = ethernet::EthernetFrame::new_checked(f.data()) else {
+        return;
+    };
+    let ip = f.start + eth.header_len();
+    let Some(h) = f.buf.get(ip..ip + ipv6::HEADER_LEN) else {
+        return;
+    };
+    let addr = |at: usize| {
+        let mut b = [0u8; 16];
+        b.copy_from_slice(&h[at..at + 16]);
+        Ipv6Addr::from(b)
+    };
+    let (s, d) = (addr(8), addr(24));
     let esp = m.esp_range();
     let at = esp.start - udp::HEADER_LEN;
     let mut u = udp::UdpPacket::new_unchecked(&mut f.buf[at..esp.end]);
-    u.fill_checksum_v6(s, d);
+    u.fill_checksum_v6(&s, &d);
 }
 
 #[cfg(test)]

@@ -504,9 +504,11 @@ fn hard_byte_lifetime_stops_the_sa_mid_burst() {
             .all(|(v, _)| *v == Verdict::Drop(DropReason::LifetimeExpired))
     );
     let ev = a.db().drain_events();
-    let kinds: Vec<_> = ev.iter().map(|e| (e.kind, e.limit)).collect();
+    let kinds: Vec<_> = ev.iter().map(|e| e.kind).collect();
     assert!(
-        kinds.contains(&(EventKind::SoftExpired, Limit::Bytes)),
+        kinds.contains(&EventKind::SoftExpired {
+            limit: Limit::Bytes
+        }),
         "{kinds:?}"
     );
     // The hard limit is reached exactly: no packet beyond it was sent.
@@ -787,4 +789,86 @@ mac = "02:00:00:00:0c:10"
         64,
     );
     assert_eq!(run(&mut g, PortId::Lan, &mine).0, Verdict::ToHost);
+}
+
+/// Rewrites the outer IPv4 source and UDP source port of an ESP-in-UDP frame (a NAT on the way).
+fn nat_rewrite(frame: &[u8], src: Ipv4Addr, sport: u16) -> Vec<u8> {
+    let mut f = frame.to_vec();
+    let mut ip = ipv4::Ipv4Packet::new_unchecked(&mut f[ethernet::HEADER_LEN..]);
+    ip.set_src_addr(src);
+    ip.fill_checksum();
+    let at = ethernet::HEADER_LEN + 20;
+    f[at..at + 2].copy_from_slice(&sport.to_be_bytes());
+    // IPv4 ESP-in-UDP goes with a zero UDP checksum (RFC 3948 §2.1): nothing else to fix.
+    f
+}
+
+#[test]
+fn nat_rebinding_is_reported_once_and_only_for_authenticated_packets() {
+    const NATT: &str = "encap = { sport = 4500, dport = 4500 }";
+    let mut a = sender(NATT, "", "");
+    let mut b = receiver(NATT, "");
+    let sealed: Vec<_> = (0..3)
+        .map(|_| {
+            let (v, out) = run(&mut a, PortId::Lan, &lan4(60, 64));
+            assert_eq!(v, Verdict::TxWan);
+            out
+        })
+        .collect();
+    // From the configured peer: the first packet is news, the mapping is not.
+    assert_eq!(run(&mut b, PortId::Wan, &sealed[0]).0, Verdict::TxLan);
+    let kinds: Vec<_> = b.db().drain_events().iter().map(|e| e.kind).collect();
+    assert_eq!(kinds, [EventKind::FirstPacket]);
+    // A forged packet from a new mapping (bad ICV) moves nothing and reports nothing.
+    let moved = Ipv4Addr::new(192, 0, 2, 50);
+    let mut forged = nat_rewrite(&sealed[1], moved, 31000);
+    let last = forged.len() - 1;
+    forged[last] ^= 1;
+    assert_eq!(
+        run(&mut b, PortId::Wan, &forged).0,
+        Verdict::Drop(DropReason::AuthFailed)
+    );
+    assert!(b.db().drain_events().is_empty());
+    // The real peer behind the new mapping: reported once, with the new address and port.
+    for f in &sealed[1..] {
+        let (v, _) = run(&mut b, PortId::Wan, &nat_rewrite(f, moved, 31000));
+        assert_eq!(v, Verdict::TxLan);
+    }
+    let kinds: Vec<_> = b.db().drain_events().iter().map(|e| e.kind).collect();
+    assert_eq!(
+        kinds,
+        [EventKind::NatMappingChanged {
+            src: IpAddr::V4(moved),
+            sport: 31000
+        }]
+    );
+}
+
+#[test]
+fn unknown_spi_is_reported_with_its_source() {
+    const NATT: &str = "encap = { sport = 4500, dport = 4500 }";
+    let mut a = sender(NATT, "", "");
+    let mut b = receiver("", "");
+    let (_, out) = run(&mut a, PortId::Lan, &lan4(60, 64));
+    let mut f = nat_rewrite(&out, Ipv4Addr::new(192, 0, 2, 77), 1234);
+    // An SPI b does not have.
+    let spi_at = ethernet::HEADER_LEN + 20 + 8;
+    f[spi_at..spi_at + 4].copy_from_slice(&0xdead_u32.to_be_bytes());
+    assert_eq!(
+        run(&mut b, PortId::Wan, &f).0,
+        Verdict::Drop(DropReason::UnknownSpi)
+    );
+    let got = b.db().drain_unknown_spi();
+    assert_eq!(got.len(), 1, "{got:?}");
+    let u = got[0];
+    assert_eq!(
+        (u.spi, u.src, u.dst, u.sport, u.dport),
+        (
+            0xdead,
+            IpAddr::V4(Ipv4Addr::new(192, 0, 2, 77)),
+            IpAddr::V4(Ipv4Addr::new(203, 0, 113, 2)),
+            1234,
+            4500
+        )
+    );
 }

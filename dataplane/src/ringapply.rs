@@ -8,18 +8,23 @@
 //!   one address family, selectors — run when it is decoded; the applier adds lifetimes, outer
 //!   addresses and ports); a bad record is `Rejected` with a sentence, never a panic.
 //!   An SA that is already installed with the same `(direction, SPI, generation)` and the same
-//!   content is `Applied` without a second install (a record re-read after a consumer crash).
-//!   The same SA with *another* generation and the same content (direction, SPI, name,
-//!   addresses, algorithms, keys, lifetimes, selectors; `initial_seq` aside) is **adopted**: it
-//!   takes the new generation and keeps its sequence counter, replay window and counters (a
-//!   resync). Anything else that collides (same name or inbound SPI) is `Rejected` with the
-//!   SA database's reason: delete the old SA first.
+//!   identity is `Applied` without a second install (a record re-read after a consumer crash).
+//!   The same SA with *another* generation and the same identity is **adopted**: it takes the
+//!   new generation and keeps its sequence counter, replay window and counters (a resync).
+//!   *Identity* is everything but the generation, `initial_seq` and what an update may change
+//!   (peer address, UDP ports, lifetimes): in both cases the record's peer and lifetimes are
+//!   applied as an update would, so a re-push carries any update the data plane missed.
+//!   Anything else that collides (same name or inbound SPI) is `Rejected` with the SA
+//!   database's reason: delete the old SA first.
 //! * **DeleteSa** of an SA that is not there (or not with that generation) is `Applied`: it is
 //!   already gone, and a stale delete never touches a newer SA. A policy that protects with a
 //!   deleted SA stays in the applier's table but becomes *discard* in the SPD (fail closed)
 //!   until an SA of that name is added again.
-//! * **UpdateSa** is `Rejected` ("update not supported yet: delete and re-add"): the SA
-//!   database cannot change an installed SA's peer, encapsulation or lifetimes in place.
+//! * **UpdateSa** changes an installed SA's peer address, UDP ports and lifetimes in place
+//!   ([`SaDb::update`]): keys, sequence numbers, replay window and counters stay, workers see
+//!   the new peer from their next burst (it is an `arc_swap` pointer; nothing waits). The
+//!   address family and "UDP-encapsulated or not" cannot change (`Rejected`: rekey instead).
+//!   Limits still count from the installation; one already crossed is reported at once.
 //! * **AddPolicy** replaces the policy with the same id (unless the installed one has a newer
 //!   generation); the SPD is rebuilt and swapped in as a whole: the policies that were in the
 //!   SPD when the applier started (the configuration file's) first, in their order, then the
@@ -31,7 +36,14 @@
 //!   bound (never the configuration file's SAs). **Resync** is acknowledged.
 //! * **QueryCounters** answers one `CountersReply` per SA (the ring's SAs only: the file's SAs
 //!   have no generation), then `Applied`; an unknown SA is `Rejected` ("no such SA").
-//! * Lifetime events from [`SaDb::drain_events`] become `SoftExpired`/`HardExpired`; when the
+//! * Events from [`SaDb::drain_events`] become `SoftExpired`/`HardExpired`,
+//!   `SeqNearExhaustion` (just before the soft expiry for the sequence number),
+//!   `FirstPacket` (inbound SA, first authenticated packet), `Idle` (no packet for
+//!   `idle_seconds`, once per idle period) and `NatMappingChanged` (an authenticated
+//!   ESP-in-UDP packet from another address or port than the SA's peer, once per new
+//!   mapping); [`SaDb::drain_unknown_spi`] gives `UnknownSpi` (at most
+//!   [`crate::sadb::UNKNOWN_SPI_REPORTS_PER_SECOND`] a second, with the outer addresses and
+//!   ports). Events of the configuration file's SAs are not sent (nobody to tell). When the
 //!   event ring is full they are counted as lost (the ring's `dropped` counter and
 //!   [`Applier::events_lost`]) and the applier goes on. Answers to commands are never dropped:
 //!   they wait in a small queue and the applier reads no further command until they are out
@@ -48,7 +60,7 @@ use espgw_ring::record;
 use espgw_ring::record::MAX_ENCODED_LEN;
 use espgw_ring::{
     Consumer, PolicyAction, PolicySpec, Producer, PushError, Record, RingError, RingParams,
-    SaCounters, SaRef, SaSpec, Segment, SegmentError,
+    SaCounters, SaRef, SaSpec, SaUpdate, Segment, SegmentError,
 };
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::hash::BuildHasher;
@@ -283,33 +295,64 @@ impl Applier {
             let Some(sa) = self.state.by_id.get(&e.sa).copied() else {
                 continue; // an SA of the configuration file: nobody to tell
             };
-            let limit = match e.limit {
+            let limit = |l: sa::Limit| match l {
                 sa::Limit::Bytes => record::Limit::Bytes,
                 sa::Limit::Packets => record::Limit::Packets,
                 sa::Limit::Seconds => record::Limit::Seconds,
                 sa::Limit::SequenceNumber => record::Limit::SequenceNumber,
             };
             let rec = match e.kind {
-                EventKind::SoftExpired => Record::SoftExpired { sa, limit },
-                EventKind::HardExpired => Record::HardExpired { sa, limit },
+                EventKind::SoftExpired { limit: l } => Record::SoftExpired {
+                    sa,
+                    limit: limit(l),
+                },
+                EventKind::HardExpired { limit: l } => Record::HardExpired {
+                    sa,
+                    limit: limit(l),
+                },
+                EventKind::SeqNearExhaustion => Record::SeqNearExhaustion { sa },
+                EventKind::FirstPacket => Record::FirstPacket { sa },
+                EventKind::Idle { seconds } => Record::Idle {
+                    sa,
+                    seconds: u32::try_from(seconds).unwrap_or(u32::MAX),
+                },
+                EventKind::NatMappingChanged { src, sport } => Record::NatMappingChanged {
+                    sa,
+                    src,
+                    src_port: sport,
+                },
             };
-            // Answers first: an event never overtakes a queued answer, and a full ring loses
-            // the event, not the answer.
-            if !self.outbox.is_empty() {
+            self.send_event(&rec);
+        }
+        for u in self.state.db.drain_unknown_spi() {
+            self.send_event(&Record::UnknownSpi {
+                spi: u.spi,
+                src: u.src,
+                dst: u.dst,
+                src_port: u.sport,
+                dst_port: u.dport,
+            });
+        }
+    }
+
+    /// Sends an event unless answers are waiting or the ring is full (then it is lost, counted).
+    fn send_event(&mut self, rec: &Record) {
+        // Answers first: an event never overtakes a queued answer, and a full ring loses the
+        // event, not the answer.
+        if !self.outbox.is_empty() {
+            self.lose_event();
+            return;
+        }
+        let Some(ring) = self.ring.as_mut() else {
+            self.lose_event();
+            return;
+        };
+        match ring.events.try_push(rec) {
+            Ok(_) => {}
+            Err(PushError::Full) => self.lose_event(),
+            Err(e) => {
+                tracing::warn!("SA ring: event not sent: {e}");
                 self.lose_event();
-                continue;
-            }
-            let Some(ring) = self.ring.as_mut() else {
-                self.lose_event();
-                continue;
-            };
-            match ring.events.try_push(&rec) {
-                Ok(_) => {}
-                Err(PushError::Full) => self.lose_event(),
-                Err(e) => {
-                    tracing::warn!("SA ring: event not sent: {e}");
-                    self.lose_event();
-                }
             }
         }
     }
@@ -363,7 +406,7 @@ impl State {
         let mut out = Vec::new();
         let result = match rec {
             Record::AddSa(spec) => self.add_sa(spec, now_ns),
-            Record::UpdateSa(_) => Err("update not supported yet: delete and re-add".into()),
+            Record::UpdateSa(u) => self.update_sa(u, now_ns),
             Record::DeleteSa(sa) => {
                 self.delete_sa(sa);
                 Ok(())
@@ -406,10 +449,18 @@ impl State {
 
     /// A keyed hash of everything but the generation and `initial_seq` (`None` for a spec that
     /// does not encode, which then matches nothing).
+    /// The SA's identity: everything but the generation, the initial sequence number and what
+    /// an `UpdateSa` may change (peer address, UDP ports, lifetimes).
     fn fingerprint(&self, spec: &SaSpec) -> Option<u64> {
         let mut s = spec.clone();
         s.generation = 0;
         s.initial_seq = 0;
+        s.remote = s.local;
+        if let Some(e) = &mut s.encap {
+            e.local_port = 1;
+            e.remote_port = 1;
+        }
+        s.lifetime = record::Lifetimes::default();
         let mut buf = Zeroizing::new([0u8; MAX_ENCODED_LEN]);
         match Record::AddSa(Box::new(s)).encode(&mut buf[..]) {
             Ok(n) => Some(self.hasher.hash_one(&buf[..n])),
@@ -422,7 +473,9 @@ impl State {
         let fp = self.fingerprint(spec);
         if let Some(existing) = self.sas.get(&r) {
             return if fp.is_some() && existing.fingerprint == fp {
-                Ok(()) // the same record again
+                // The same record again (read twice after a crash): its peer and limits are
+                // absolute values, setting them again is harmless.
+                self.set_mutable(existing.id, spec, now_ns)
             } else {
                 Err(format!(
                     "{} is already installed with other parameters; delete it first",
@@ -453,7 +506,12 @@ impl State {
                         }
                     }
                 }
-                return Ok(());
+                // The re-pushed peer and limits win (the control process may have updated them
+                // while the data plane could not hear it).
+                return match self.sas.get(&r) {
+                    Some(sa) => self.set_mutable(sa.id, spec, now_ns),
+                    None => Ok(()),
+                };
             }
         }
         let params = sa_params(spec)?;
@@ -476,6 +534,46 @@ impl State {
             self.rebuild_spd();
         }
         Ok(())
+    }
+
+    /// A new peer address/ports and limits for an installed SA, in place (keys, sequence
+    /// numbers, replay window and counters stay). Absolute values, so applying it twice is
+    /// harmless.
+    fn update_sa(&mut self, u: &SaUpdate, now_ns: u64) -> Result<(), String> {
+        let Some(sa) = self.sas.get(&u.sa) else {
+            return Err(format!("no such SA: {}", sa_words(&u.sa)));
+        };
+        let who = sa_words(&u.sa);
+        check_addr(&format!("{who}: remote"), u.remote)?;
+        if let Some(e) = u.encap
+            && (e.local_port == 0 || e.remote_port == 0)
+        {
+            return Err(format!("{who}: UDP encapsulation with port 0"));
+        }
+        let peer = sa::Peer {
+            remote: u.remote,
+            encap: u.encap.map(|e| sa::UdpEncap {
+                sport: e.local_port,
+                dport: e.remote_port,
+            }),
+        };
+        self.db
+            .update(sa.id, peer, lifetime(&u.lifetime), now_ns)
+            .map_err(|e| format!("SA {:#010x}: {e}", u.sa.spi))
+    }
+
+    /// Sets an installed SA's peer and limits from an `AddSa` record.
+    fn set_mutable(&self, id: SaId, spec: &SaSpec, now_ns: u64) -> Result<(), String> {
+        let peer = sa::Peer {
+            remote: spec.remote,
+            encap: spec.encap.map(|e| sa::UdpEncap {
+                sport: e.local_port,
+                dport: e.remote_port,
+            }),
+        };
+        self.db
+            .update(id, peer, lifetime(&spec.lifetime), now_ns)
+            .map_err(|e| format!("SA {:#010x}: {e}", spec.spi))
     }
 
     fn protects_with(&self, name: &str) -> bool {
@@ -662,8 +760,17 @@ fn selector(s: &record::Selector) -> policy::Selector {
     }
 }
 
-fn limit(v: u64) -> Option<u64> {
-    (v != 0).then_some(v)
+/// The ring's limits (0 = none) as the SA database's.
+fn lifetime(l: &record::Lifetimes) -> Lifetime {
+    let limit = |v: u64| (v != 0).then_some(v);
+    Lifetime {
+        soft_bytes: limit(l.soft_bytes),
+        hard_bytes: limit(l.hard_bytes),
+        soft_packets: limit(l.soft_packets),
+        hard_packets: limit(l.hard_packets),
+        soft_seconds: limit(l.soft_seconds),
+        hard_seconds: limit(l.hard_seconds),
+    }
 }
 
 fn check_addr(what: &str, a: IpAddr) -> Result<(), String> {
@@ -787,14 +894,7 @@ pub fn sa_params(s: &SaSpec) -> Result<SaParams, String> {
         esn: s.esn,
         replay_window: s.replay_window,
         initial_seq: s.initial_seq,
-        lifetime: Lifetime {
-            soft_bytes: limit(l.soft_bytes),
-            hard_bytes: limit(l.hard_bytes),
-            soft_packets: limit(l.soft_packets),
-            hard_packets: limit(l.hard_packets),
-            soft_seconds: limit(l.soft_seconds),
-            hard_seconds: limit(l.hard_seconds),
-        },
+        lifetime: lifetime(l),
         selectors: s.selectors.iter().map(selector).collect(),
         df: match s.df {
             record::DfMode::Copy => DfMode::Copy,

@@ -186,12 +186,36 @@ pub enum Limit {
 
 /// What happened to an SA.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
-#[serde(rename_all = "snake_case")]
+#[serde(rename_all = "snake_case", tag = "kind")]
 pub enum EventKind {
     /// A soft limit was crossed: time to rekey.
-    SoftExpired,
+    SoftExpired {
+        /// Which limit.
+        limit: Limit,
+    },
     /// A hard limit was crossed: the SA no longer carries traffic.
-    HardExpired,
+    HardExpired {
+        /// Which limit.
+        limit: Limit,
+    },
+    /// Outbound: 1/16 of the sequence number space is left (sent before the soft expiry that
+    /// goes with it).
+    SeqNearExhaustion,
+    /// Inbound: the first authenticated packet arrived (the peer uses the SA).
+    FirstPacket,
+    /// No packet for `seconds` (once per idle period; for DPD and idle teardown).
+    Idle {
+        /// The idle threshold that was crossed.
+        seconds: u64,
+    },
+    /// Inbound, UDP-encapsulated: an authenticated packet came from another address or port
+    /// than the SA's peer (a NAT rebinding); reported once per new mapping.
+    NatMappingChanged {
+        /// The new outer source address.
+        src: IpAddr,
+        /// The new outer source port.
+        sport: u16,
+    },
 }
 
 /// An SA event for the control process.
@@ -205,10 +229,37 @@ pub struct Event {
     pub spi: u32,
     /// Its direction.
     pub direction: Direction,
-    /// Soft or hard.
+    /// What happened.
+    #[serde(flatten)]
     pub kind: EventKind,
-    /// Which limit.
-    pub limit: Limit,
+}
+
+impl Event {
+    /// The limit of a soft or hard expiry.
+    pub fn limit(&self) -> Option<Limit> {
+        match self.kind {
+            EventKind::SoftExpired { limit } | EventKind::HardExpired { limit } => Some(limit),
+            _ => None,
+        }
+    }
+}
+
+/// ESP for an SPI no inbound SA has (RFC 4301 §6.1.2: the control process may tell the peer,
+/// e.g. with an IKEv1 INVALID-SPI notification). Rate-limited by the SA database.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub struct UnknownSpi {
+    /// When (data-plane clock, nanoseconds).
+    pub at_ns: u64,
+    /// The SPI.
+    pub spi: u32,
+    /// Outer source address.
+    pub src: IpAddr,
+    /// Outer destination address.
+    pub dst: IpAddr,
+    /// UDP source port (0: plain ESP).
+    pub sport: u16,
+    /// UDP destination port (0: plain ESP).
+    pub dport: u16,
 }
 
 /// Counters of one SA, in Cisco `show crypto ipsec sa` terms.
@@ -258,6 +309,88 @@ pub struct RunCounts {
 
 const STATE_SOFT: u8 = 1;
 const STATE_HARD: u8 = 2;
+/// Inbound: an authenticated packet has been counted (FirstPacket was sent).
+const STATE_USED: u8 = 4;
+/// An Idle event was sent and no packet has been counted since.
+const STATE_IDLE: u8 = 8;
+
+/// The parts of an SA an update may change in place: where its packets go and come from (a NAT
+/// rebinding moves the peer's address or port). Family and "UDP-encapsulated or not" are fixed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub struct Peer {
+    /// The peer's outer address.
+    pub remote: IpAddr,
+    /// UDP encapsulation ports.
+    pub encap: Option<UdpEncap>,
+}
+
+/// Lifetime limits workers read while an update may change them (`u64::MAX`: no limit).
+#[derive(Debug)]
+struct Limits([AtomicU64; 6]);
+
+impl Limits {
+    const NONE: u64 = u64::MAX;
+    const SOFT_BYTES: usize = 0;
+    const HARD_BYTES: usize = 1;
+    const SOFT_PACKETS: usize = 2;
+    const HARD_PACKETS: usize = 3;
+    const SOFT_SECONDS: usize = 4;
+    const HARD_SECONDS: usize = 5;
+
+    fn new(l: Lifetime) -> Self {
+        let x = Limits(std::array::from_fn(|_| AtomicU64::new(Self::NONE)));
+        x.set(l);
+        x
+    }
+
+    fn set(&self, l: Lifetime) {
+        for (i, v) in [
+            l.soft_bytes,
+            l.hard_bytes,
+            l.soft_packets,
+            l.hard_packets,
+            l.soft_seconds,
+            l.hard_seconds,
+        ]
+        .into_iter()
+        .enumerate()
+        {
+            // A limit of u64::MAX can never be reached: the same as none.
+            self.0[i].store(v.unwrap_or(Self::NONE), Ordering::Relaxed);
+        }
+    }
+
+    #[inline]
+    fn get(&self, i: usize) -> Option<u64> {
+        let v = self.0[i].load(Ordering::Relaxed);
+        (v != Self::NONE).then_some(v)
+    }
+
+    fn lifetime(&self) -> Lifetime {
+        Lifetime {
+            soft_bytes: self.get(Self::SOFT_BYTES),
+            hard_bytes: self.get(Self::HARD_BYTES),
+            soft_packets: self.get(Self::SOFT_PACKETS),
+            hard_packets: self.get(Self::HARD_PACKETS),
+            soft_seconds: self.get(Self::SOFT_SECONDS),
+            hard_seconds: self.get(Self::HARD_SECONDS),
+        }
+    }
+}
+
+/// Why an SA update was refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum UpdateError {
+    /// The new peer address is of the other family.
+    #[error("new remote {0} is of another address family")]
+    Family(IpAddr),
+    /// UDP encapsulation would be switched on or off.
+    #[error("UDP encapsulation cannot be switched on or off in place; rekey instead")]
+    Encapsulation,
+    /// A soft limit above its hard limit.
+    #[error("a soft lifetime is above its hard lifetime")]
+    SoftAboveHard,
+}
 
 /// The last outbound sequence number a 32-bit or ESN SA may use.
 fn seq_limit(esn: bool) -> u64 {
@@ -278,16 +411,16 @@ pub struct Sa {
     pub mode: Mode,
     /// Our address.
     pub local: IpAddr,
-    /// Peer's address.
-    pub remote: IpAddr,
-    /// UDP encapsulation.
-    pub encap: Option<UdpEncap>,
+    /// Peer's address and UDP ports ([`Sa::peer`]; an update may change them).
+    peer: arc_swap::ArcSwap<Peer>,
+    /// ESP in UDP (fixed for the SA's life; the ports are in [`Sa::peer`]).
+    pub udp_encap: bool,
     /// Algorithms.
     pub transform: Transform,
     /// ESN.
     pub esn: bool,
-    /// Limits.
-    pub lifetime: Lifetime,
+    /// Limits ([`Sa::lifetime`]; an update may change them).
+    limits: Limits,
     /// Selectors.
     pub selectors: Vec<Selector>,
     /// DF.
@@ -311,6 +444,8 @@ pub struct Sa {
     /// Another inbound SA has the same SPI: lookups must also match the destination address.
     pub(crate) shared_spi: AtomicBool,
     state: AtomicU8,
+    /// Inbound, UDP-encapsulated: a hash of the last NAT mapping reported (0: none).
+    nat_reported: AtomicU64,
     /// Outbound: the last sequence number handed out.
     seq: CachePadded<AtomicU64>,
     /// Inbound: anti-replay window (and highest number seen, for ESN).
@@ -329,8 +464,7 @@ impl fmt::Debug for Sa {
             .field("spi", &format_args!("{:#010x}", self.spi))
             .field("mode", &self.mode)
             .field("local", &self.local)
-            .field("remote", &self.remote)
-            .field("encap", &self.encap)
+            .field("peer", &**self.peer.load())
             .field("transform", &self.transform.name())
             .finish_non_exhaustive()
     }
@@ -348,11 +482,14 @@ impl Sa {
             spi: p.spi,
             mode: p.mode,
             local: p.local,
-            remote: p.remote,
-            encap: p.encap,
+            peer: arc_swap::ArcSwap::from_pointee(Peer {
+                remote: p.remote,
+                encap: p.encap,
+            }),
+            udp_encap: p.encap.is_some(),
             transform: t,
             esn: p.esn,
-            lifetime: p.lifetime,
+            limits: Limits::new(p.lifetime),
             selectors: p.selectors,
             df: p.df,
             dscp: p.dscp,
@@ -365,6 +502,7 @@ impl Sa {
             pad_align: p.pad_align.unwrap_or_else(|| default_pad_align(t)),
             shared_spi: AtomicBool::new(false),
             state: AtomicU8::new(0),
+            nat_reported: AtomicU64::new(0),
             seq: CachePadded::new(AtomicU64::new(p.initial_seq)),
             replay: ReplayWindow::new(if p.direction == Direction::In {
                 p.replay_window
@@ -384,8 +522,65 @@ impl Sa {
     /// Does the SA have any hard limit (so that packets must be checked against it)?
     #[inline]
     pub fn has_hard_limits(&self) -> bool {
-        let l = &self.lifetime;
-        l.hard_bytes.is_some() || l.hard_packets.is_some() || l.hard_seconds.is_some()
+        self.limits.get(Limits::HARD_BYTES).is_some()
+            || self.limits.get(Limits::HARD_PACKETS).is_some()
+            || self.limits.get(Limits::HARD_SECONDS).is_some()
+    }
+
+    /// The peer's address and UDP ports now. Cheap (no reference count is touched); hold it
+    /// only briefly, like any `arc_swap` guard.
+    #[inline]
+    pub fn peer(&self) -> arc_swap::Guard<std::sync::Arc<Peer>> {
+        self.peer.load()
+    }
+
+    /// The limits now.
+    pub fn lifetime(&self) -> Lifetime {
+        self.limits.lifetime()
+    }
+
+    /// Change the peer's address/ports and the limits in place (a NAT rebinding, new lifetimes),
+    /// keeping keys, sequence numbers, the replay window and the counters. Limits still count
+    /// from the installation; a limit already crossed is signalled now. An SA that reached a
+    /// hard limit stays stopped.
+    pub fn update(
+        &self,
+        peer: Peer,
+        lifetime: Lifetime,
+        now_ns: u64,
+        events: &EventSink<'_>,
+    ) -> Result<(), UpdateError> {
+        if peer.remote.is_ipv4() != self.local.is_ipv4() {
+            return Err(UpdateError::Family(peer.remote));
+        }
+        if peer.encap.is_some() != self.udp_encap {
+            return Err(UpdateError::Encapsulation);
+        }
+        let l = &lifetime;
+        for (soft, hard) in [
+            (l.soft_bytes, l.hard_bytes),
+            (l.soft_packets, l.hard_packets),
+            (l.soft_seconds, l.hard_seconds),
+        ] {
+            if let (Some(s), Some(h)) = (soft, hard)
+                && s > h
+            {
+                return Err(UpdateError::SoftAboveHard);
+            }
+        }
+        self.peer.store(std::sync::Arc::new(peer));
+        self.limits.set(lifetime);
+        // The mapping the control process now knows is not news any more.
+        self.nat_reported.store(0, Ordering::Relaxed);
+        let c = &self.counters;
+        self.check_volume(
+            c.packets.load(Ordering::Relaxed),
+            c.bytes.load(Ordering::Relaxed),
+            now_ns,
+            events,
+        );
+        self.check_age(now_ns, events);
+        Ok(())
     }
 
     /// Has the soft limit been signalled?
@@ -419,30 +614,15 @@ impl Sa {
                 let last = prev + granted;
                 // Soft warning with 1/16 of the space left; hard stop at the end.
                 if last >= limit - limit / 16 {
-                    self.signal(
-                        EventKind::SoftExpired,
-                        Limit::SequenceNumber,
-                        now_ns,
-                        events,
-                    );
+                    self.signal(false, Limit::SequenceNumber, now_ns, events);
                 }
                 if last == limit {
-                    self.signal(
-                        EventKind::HardExpired,
-                        Limit::SequenceNumber,
-                        now_ns,
-                        events,
-                    );
+                    self.signal(true, Limit::SequenceNumber, now_ns, events);
                 }
                 (prev + 1, granted)
             }
             Err(_) => {
-                self.signal(
-                    EventKind::HardExpired,
-                    Limit::SequenceNumber,
-                    now_ns,
-                    events,
-                );
+                self.signal(true, Limit::SequenceNumber, now_ns, events);
                 (0, 0)
             }
         }
@@ -452,20 +632,19 @@ impl Sa {
     /// worker has processed but not yet added? Checks the hard limits and the age.
     #[inline]
     pub fn within_hard_limits(&self, pending: &RunCounts, bytes: u64, now_ns: u64) -> bool {
-        let l = &self.lifetime;
-        if let Some(h) = l.hard_bytes {
+        if let Some(h) = self.limits.get(Limits::HARD_BYTES) {
             let used = self.counters.bytes.load(Ordering::Relaxed) + pending.bytes;
             if used + bytes > h {
                 return false;
             }
         }
-        if let Some(h) = l.hard_packets {
+        if let Some(h) = self.limits.get(Limits::HARD_PACKETS) {
             let used = self.counters.packets.load(Ordering::Relaxed) + pending.packets;
             if used + 1 > h {
                 return false;
             }
         }
-        if let Some(h) = l.hard_seconds
+        if let Some(h) = self.limits.get(Limits::HARD_SECONDS)
             && now_ns.saturating_sub(self.installed_ns) >= h.saturating_mul(1_000_000_000)
         {
             return false;
@@ -493,20 +672,64 @@ impl Sa {
         }
         c.icv.fetch_add(run.packets, Ordering::Relaxed);
         c.last_used_ns.fetch_max(now_ns, Ordering::Relaxed);
+        let state = self.state.load(Ordering::Relaxed);
+        if state & STATE_IDLE != 0 {
+            self.state.fetch_and(!STATE_IDLE, Ordering::Relaxed);
+        }
+        if state & STATE_USED == 0
+            && self.direction == Direction::In
+            && self.state.fetch_or(STATE_USED, Ordering::Relaxed) & STATE_USED == 0
+        {
+            events.push(self.event(EventKind::FirstPacket, now_ns));
+        }
         self.check_volume(packets, bytes, now_ns, events);
     }
 
+    /// Report (once per idle period) an SA that has carried no packet for `idle_ns`, counted
+    /// from its last packet or, if it never had one, its installation. Called by the sweep.
+    pub fn check_idle(&self, now_ns: u64, idle_ns: u64, events: &EventSink<'_>) {
+        if idle_ns == 0 || self.is_dead() || self.state.load(Ordering::Relaxed) & STATE_IDLE != 0 {
+            return;
+        }
+        let last = self
+            .counters
+            .last_used_ns
+            .load(Ordering::Relaxed)
+            .max(self.installed_ns);
+        if now_ns.saturating_sub(last) >= idle_ns
+            && self.state.fetch_or(STATE_IDLE, Ordering::Relaxed) & STATE_IDLE == 0
+        {
+            let seconds = idle_ns / 1_000_000_000;
+            events.push(self.event(EventKind::Idle { seconds }, now_ns));
+        }
+    }
+
+    /// An authenticated UDP-encapsulated packet came from `src:sport`: report a mapping that
+    /// differs from the peer's (once per new mapping, until an update makes it the peer's).
+    #[inline]
+    pub fn note_source(&self, src: IpAddr, sport: u16, now_ns: u64, events: &EventSink<'_>) {
+        let peer = self.peer();
+        let Some(e) = peer.encap else { return };
+        if peer.remote == src && e.dport == sport {
+            return;
+        }
+        let h = mapping_hash(src, sport);
+        if self.nat_reported.swap(h, Ordering::Relaxed) != h {
+            events.push(self.event(EventKind::NatMappingChanged { src, sport }, now_ns));
+        }
+    }
+
     fn check_volume(&self, packets: u64, bytes: u64, now_ns: u64, events: &EventSink<'_>) {
-        let l = &self.lifetime;
+        let l = self.limits.lifetime();
         for (soft, hard, used, limit) in [
             (l.soft_bytes, l.hard_bytes, bytes, Limit::Bytes),
             (l.soft_packets, l.hard_packets, packets, Limit::Packets),
         ] {
             if soft.is_some_and(|s| used >= s) {
-                self.signal(EventKind::SoftExpired, limit, now_ns, events);
+                self.signal(false, limit, now_ns, events);
             }
             if hard.is_some_and(|h| used >= h) {
-                self.signal(EventKind::HardExpired, limit, now_ns, events);
+                self.signal(true, limit, now_ns, events);
             }
         }
     }
@@ -514,55 +737,51 @@ impl Sa {
     /// Check the age limits (called by the periodic sweep, so idle SAs expire too).
     pub fn check_age(&self, now_ns: u64, events: &EventSink<'_>) {
         let age = now_ns.saturating_sub(self.installed_ns);
-        let l = &self.lifetime;
+        let l = self.limits.lifetime();
         if l.soft_seconds
             .is_some_and(|s| age >= s.saturating_mul(1_000_000_000))
         {
-            self.signal(EventKind::SoftExpired, Limit::Seconds, now_ns, events);
+            self.signal(false, Limit::Seconds, now_ns, events);
         }
         if l.hard_seconds
             .is_some_and(|h| age >= h.saturating_mul(1_000_000_000))
         {
-            self.signal(EventKind::HardExpired, Limit::Seconds, now_ns, events);
+            self.signal(true, Limit::Seconds, now_ns, events);
         }
     }
 
     /// Record a soft or hard expiry once; a hard expiry implies the soft one.
-    fn signal(&self, kind: EventKind, limit: Limit, now_ns: u64, events: &EventSink<'_>) {
-        let bit = match kind {
-            EventKind::SoftExpired => STATE_SOFT,
-            EventKind::HardExpired => STATE_HARD | STATE_SOFT,
-        };
-        let prev = self.state.fetch_or(bit, Ordering::AcqRel);
-        let newly = bit & !prev;
-        if newly & STATE_SOFT != 0 && kind == EventKind::HardExpired {
-            // Went straight to hard: report the soft crossing too, so a rekey is always asked for.
-            events.push(self.event(EventKind::SoftExpired, limit, now_ns));
-        }
-        let flag = if kind == EventKind::HardExpired {
-            STATE_HARD
+    fn signal(&self, hard: bool, limit: Limit, now_ns: u64, events: &EventSink<'_>) {
+        let bit = if hard {
+            STATE_HARD | STATE_SOFT
         } else {
             STATE_SOFT
         };
-        if newly & flag != 0 {
-            events.push(self.event(kind, limit, now_ns));
-            if kind == EventKind::HardExpired {
-                tracing::warn!(
-                    sa = %self.name, spi = format_args!("{:#010x}", self.spi), ?limit,
-                    "SA reached its hard lifetime and stops carrying traffic"
-                );
+        let prev = self.state.fetch_or(bit, Ordering::AcqRel);
+        let newly = bit & !prev;
+        if newly & STATE_SOFT != 0 {
+            if limit == Limit::SequenceNumber {
+                events.push(self.event(EventKind::SeqNearExhaustion, now_ns));
             }
+            // Also when it went straight to hard: a rekey is always asked for.
+            events.push(self.event(EventKind::SoftExpired { limit }, now_ns));
+        }
+        if hard && newly & STATE_HARD != 0 {
+            events.push(self.event(EventKind::HardExpired { limit }, now_ns));
+            tracing::warn!(
+                sa = %self.name, spi = format_args!("{:#010x}", self.spi), ?limit,
+                "SA reached its hard lifetime and stops carrying traffic"
+            );
         }
     }
 
-    fn event(&self, kind: EventKind, limit: Limit, at_ns: u64) -> Event {
+    fn event(&self, kind: EventKind, at_ns: u64) -> Event {
         Event {
             at_ns,
             sa: self.id,
             spi: self.spi,
             direction: self.direction,
             kind,
-            limit,
         }
     }
 
@@ -590,7 +809,8 @@ impl Sa {
         let drops = self.counters.drops.snapshot();
         let age_s = now_ns.saturating_sub(self.installed_ns) / 1_000_000_000;
         let remaining = |limit: Option<u64>, used: u64| limit.map(|l| l.saturating_sub(used));
-        let l = &self.lifetime;
+        let l = self.lifetime();
+        let peer = self.peer();
         let counters = match self.direction {
             Direction::Out => serde_json::json!({
                 "pkts_encaps": s.packets, "pkts_encrypt": s.ciphered, "pkts_digest": s.icv,
@@ -609,8 +829,8 @@ impl Sa {
             "spi": format!("{:#010x}", self.spi),
             "mode": self.mode,
             "local": self.local.to_string(),
-            "remote": self.remote.to_string(),
-            "encap": self.encap,
+            "remote": peer.remote.to_string(),
+            "encap": peer.encap,
             "transform": self.transform.name(),
             "esn": self.esn,
             "counters": counters,
@@ -652,4 +872,17 @@ impl EventSink<'_> {
             self.lost.fetch_add(1, Ordering::Relaxed);
         }
     }
+}
+
+/// A nonzero tag for a NAT mapping (address and port).
+fn mapping_hash(src: IpAddr, sport: u16) -> u64 {
+    let bits: u128 = match src {
+        IpAddr::V4(a) => u128::from(u32::from(a)) | 1 << 127,
+        IpAddr::V6(a) => u128::from(a),
+    };
+    let mut h = u64::from(sport) ^ 0x9E37_79B9_7F4A_7C15;
+    for w in [bits as u64, (bits >> 64) as u64] {
+        h = (h ^ w).wrapping_mul(0xBF58_476D_1CE4_E5B9).rotate_left(31);
+    }
+    h | 1
 }

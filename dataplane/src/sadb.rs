@@ -18,7 +18,9 @@
 
 use crate::counters::DropReason;
 use crate::policy::Spd;
-use crate::sa::{Direction, Event, EventSink, Sa, SaId, SaParams};
+use crate::sa::{
+    Direction, Event, EventSink, Lifetime, Peer, Sa, SaId, SaParams, UnknownSpi, UpdateError,
+};
 use crossbeam_epoch::{self as epoch, Atomic, Guard, Owned, Shared};
 use crossbeam_queue::ArrayQueue;
 use espgw_crypto::CryptoProvider;
@@ -60,7 +62,14 @@ pub enum SadbError {
     /// The crypto backend refused the keys or transform.
     #[error("{0}")]
     Crypto(#[from] espgw_crypto::KeyError),
+    /// An update the SA cannot take in place.
+    #[error("{0}")]
+    Update(#[from] UpdateError),
 }
+
+/// At most this many unknown-SPI reports per second (RFC 4301 §6.1.2 asks for a rate limit);
+/// every such packet is still counted as an `unknown_spi` drop.
+pub const UNKNOWN_SPI_REPORTS_PER_SECOND: u64 = 100;
 
 struct SpiIndex {
     buckets: Box<[AtomicU64]>,
@@ -140,6 +149,11 @@ pub struct SaDb {
     writer: Mutex<Writer>,
     events: ArrayQueue<Event>,
     events_lost: AtomicU64,
+    unknown_spi: ArrayQueue<UnknownSpi>,
+    /// Earliest time (ns) of the next unknown-SPI report.
+    unknown_spi_next_ns: AtomicU64,
+    /// Idle threshold for [`Sa::check_idle`] in ns (0: no idle events).
+    idle_ns: AtomicU64,
 }
 
 impl std::fmt::Debug for SaDb {
@@ -169,6 +183,9 @@ impl SaDb {
             }),
             events: ArrayQueue::new(4096),
             events_lost: AtomicU64::new(0),
+            unknown_spi: ArrayQueue::new(256),
+            unknown_spi_next_ns: AtomicU64::new(0),
+            idle_ns: AtomicU64::new(0),
         }
     }
 
@@ -209,6 +226,53 @@ impl SaDb {
     /// Events lost because the queue was full.
     pub fn events_lost(&self) -> u64 {
         self.events_lost.load(Ordering::Relaxed)
+    }
+
+    /// Report ESP for an SPI no inbound SA has, at most
+    /// [`UNKNOWN_SPI_REPORTS_PER_SECOND`] times a second over all workers (lock-free; a report
+    /// over the limit, or with the queue full, is simply not made).
+    #[inline]
+    pub fn report_unknown_spi(&self, r: UnknownSpi) {
+        let next = self.unknown_spi_next_ns.load(Ordering::Relaxed);
+        if r.at_ns < next {
+            return;
+        }
+        let gap = 1_000_000_000 / UNKNOWN_SPI_REPORTS_PER_SECOND;
+        if self
+            .unknown_spi_next_ns
+            .compare_exchange(next, r.at_ns + gap, Ordering::Relaxed, Ordering::Relaxed)
+            .is_ok()
+        {
+            let _ = self.unknown_spi.push(r);
+        }
+    }
+
+    /// Take every queued unknown-SPI report.
+    pub fn drain_unknown_spi(&self) -> Vec<UnknownSpi> {
+        std::iter::from_fn(|| self.unknown_spi.pop()).collect()
+    }
+
+    /// Send an Idle event for an SA that carried nothing for `seconds` (0: never), checked by
+    /// [`SaDb::sweep`].
+    pub fn set_idle_seconds(&self, seconds: u64) {
+        self.idle_ns
+            .store(seconds.saturating_mul(1_000_000_000), Ordering::Relaxed);
+    }
+
+    /// Change an installed SA's peer address/ports and limits in place ([`Sa::update`]).
+    pub fn update(
+        &self,
+        id: SaId,
+        peer: Peer,
+        lifetime: Lifetime,
+        now_ns: u64,
+    ) -> Result<(), SadbError> {
+        let guard = epoch::pin();
+        // Serialized with install/remove, so the SA cannot be removed half-way.
+        let _w = self.lock_writer();
+        let sa = self.get(id, &guard).ok_or(SadbError::NotFound(id))?;
+        sa.update(peer, lifetime, now_ns, &self.event_sink())?;
+        Ok(())
     }
 
     /// Install an SA. Inbound SAs become visible to lookups when this returns.
@@ -405,12 +469,14 @@ impl SaDb {
             .filter_map(move |s| shared_ref(s.load(Ordering::Acquire, guard)))
     }
 
-    /// Periodic housekeeping: age limits of every SA (so idle SAs expire too).
+    /// Periodic housekeeping: age limits of every SA (so idle SAs expire too) and idle events.
     pub fn sweep(&self, now_ns: u64) {
         let guard = epoch::pin();
         let sink = self.event_sink();
+        let idle_ns = self.idle_ns.load(Ordering::Relaxed);
         for sa in self.iter(&guard) {
             sa.check_age(now_ns, &sink);
+            sa.check_idle(now_ns, idle_ns, &sink);
         }
     }
 
@@ -759,8 +825,10 @@ mod tests {
         let ev = db.drain_events();
         assert_eq!(ev.len(), 1);
         assert_eq!(
-            (ev[0].kind, ev[0].limit),
-            (EventKind::SoftExpired, Limit::Packets)
+            ev[0].kind,
+            EventKind::SoftExpired {
+                limit: Limit::Packets
+            }
         );
         sa.flush(&run, 4_000, &sink);
         assert!(db.drain_events().is_empty(), "soft is signalled once");
@@ -783,8 +851,10 @@ mod tests {
         let ev = db.drain_events();
         assert_eq!(ev.len(), 1);
         assert_eq!(
-            (ev[0].kind, ev[0].limit),
-            (EventKind::HardExpired, Limit::Packets)
+            ev[0].kind,
+            EventKind::HardExpired {
+                limit: Limit::Packets
+            }
         );
         assert!(sa.is_dead());
         // Age: the sweep reports seconds limits of idle SAs too (once each; already dead here).
@@ -802,13 +872,26 @@ mod tests {
         let ev = db.drain_events();
         assert_eq!(ev.len(), 1, "{ev:?}");
         assert_eq!(
-            (ev[0].spi, ev[0].kind, ev[0].limit),
-            (0x1001, EventKind::SoftExpired, Limit::Seconds)
+            (ev[0].spi, ev[0].kind),
+            (
+                0x1001,
+                EventKind::SoftExpired {
+                    limit: Limit::Seconds
+                }
+            )
         );
         db.sweep(121_000_000_000);
         let ev = db.drain_events();
         assert_eq!(ev.len(), 1, "{ev:?}");
-        assert_eq!((ev[0].spi, ev[0].kind), (0x1001, EventKind::HardExpired));
+        assert_eq!(
+            (ev[0].spi, ev[0].kind),
+            (
+                0x1001,
+                EventKind::HardExpired {
+                    limit: Limit::Seconds
+                }
+            )
+        );
     }
 
     #[test]
@@ -821,11 +904,16 @@ mod tests {
         let sa = db.get(id, &g).unwrap();
         let sink = db.event_sink();
         assert_eq!(sa.reserve_seq(3, 0, &sink), (u64::from(u32::MAX) - 4, 3));
-        let ev = db.drain_events();
-        assert_eq!(ev.len(), 1, "soft warning near exhaustion: {ev:?}");
+        let ev: Vec<_> = db.drain_events().iter().map(|e| e.kind).collect();
         assert_eq!(
-            (ev[0].kind, ev[0].limit),
-            (EventKind::SoftExpired, Limit::SequenceNumber)
+            ev,
+            [
+                EventKind::SeqNearExhaustion,
+                EventKind::SoftExpired {
+                    limit: Limit::SequenceNumber
+                }
+            ],
+            "warnings near exhaustion"
         );
         // 2 left: a request for 10 gets 2, ending exactly at 2^32-1.
         assert_eq!(sa.reserve_seq(10, 0, &sink), (u64::from(u32::MAX) - 1, 2));
@@ -835,7 +923,7 @@ mod tests {
         let ev = db.drain_events();
         assert_eq!(
             ev.iter()
-                .filter(|e| e.kind == EventKind::HardExpired)
+                .filter(|e| matches!(e.kind, EventKind::HardExpired { .. }))
                 .count(),
             1
         );

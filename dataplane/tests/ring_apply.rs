@@ -7,11 +7,12 @@
 use espgw_crypto::SoftwareProvider;
 use espgw_dataplane::policy::Action;
 use espgw_dataplane::ringapply::Applier;
+use espgw_dataplane::sa::{RunCounts, UnknownSpi};
 use espgw_dataplane::sadb::SaDb;
 use espgw_ring::{
     Consumer, DfMode, Direction, DscpMode, EcnMode, EncAlg, IntegAlg, IpPrefix, Key, Lifetimes,
-    Mode, PolicyAction, PolicySpec, PortRange, Producer, Record, RingParams, SaRef, SaSpec,
-    SaUpdate, Segment, Selector,
+    Limit, Mode, PolicyAction, PolicySpec, PortRange, Producer, Record, RingParams, SaRef, SaSpec,
+    SaUpdate, Segment, Selector, UdpEncap,
 };
 use std::collections::HashMap;
 use std::net::IpAddr;
@@ -366,17 +367,31 @@ fn bad_records_are_rejected_with_reasons() {
         rejected_reason(&rep, s).contains("no outbound SA named"),
         "{rep:?}"
     );
-    // Update is not supported yet.
-    let (s, rep) = r.cmd(Record::UpdateSa(SaUpdate {
-        sa: sref(Direction::In, 0x4004, 1),
-        remote: ip(REMOTE),
-        encap: None,
-        lifetime: Lifetimes::default(),
-    }));
+    // Updates an SA cannot take in place.
+    let upd = |remote: &str, encap: Option<UdpEncap>, spi: u32| {
+        Record::UpdateSa(SaUpdate {
+            sa: sref(Direction::In, spi, 1),
+            remote: ip(remote),
+            encap,
+            lifetime: Lifetimes::default(),
+        })
+    };
+    let (s, rep) = r.cmd(upd("2001:db8::7", None, 0x4004));
     assert!(
-        rejected_reason(&rep, s).contains("update not supported yet"),
+        rejected_reason(&rep, s).contains("another address family"),
         "{rep:?}"
     );
+    let natt = Some(UdpEncap {
+        local_port: 4500,
+        remote_port: 4500,
+    });
+    let (s, rep) = r.cmd(upd(REMOTE, natt, 0x4004));
+    assert!(
+        rejected_reason(&rep, s).contains("cannot be switched on or off"),
+        "{rep:?}"
+    );
+    let (s, rep) = r.cmd(upd(REMOTE, None, 0x7777));
+    assert!(rejected_reason(&rep, s).contains("no such SA"), "{rep:?}");
     // Counters of an unknown SA.
     let (s, rep) = r.cmd(Record::QueryCounters {
         sa: Some(sref(Direction::In, 0x7777, 1)),
@@ -764,4 +779,187 @@ fn a_corrupt_segment_is_recreated() {
     assert_eq!(applied, 3);
     assert_eq!(r.db.len(), 1);
     assert!(r.applier.sa_id(&sref(Direction::In, 0x7001, 2)).is_some());
+}
+
+fn events_of(rep: &[Record]) -> Vec<Record> {
+    rep.iter()
+        .filter(|r| !matches!(r, Record::Applied { .. } | Record::Rejected { .. }))
+        .cloned()
+        .collect()
+}
+
+#[test]
+fn update_moves_the_peer_in_place_and_keeps_state() {
+    let mut r = rig("update", RingParams::default());
+    let natt = |remote_port| {
+        Some(UdpEncap {
+            local_port: 4500,
+            remote_port,
+        })
+    };
+    let mut spec = sa(Direction::In, 0x8001, 1, "nat-in", 0);
+    spec.encap = natt(4500);
+    let (s, rep) = r.cmd(add(spec.clone()));
+    assert_applied(&rep, s);
+    let id = r.applier.sa_id(&sref(Direction::In, 0x8001, 1)).unwrap();
+    // Traffic from the known mapping: the first packet is reported, the mapping is not news.
+    {
+        let g = crossbeam_epoch::pin();
+        let sa = r.db.get(id, &g).unwrap();
+        let run = RunCounts {
+            packets: 3,
+            bytes: 300,
+            esp_bytes: 400,
+        };
+        sa.flush(&run, 10, &r.db.event_sink());
+        sa.note_source(ip(REMOTE), 4500, 10, &r.db.event_sink());
+        sa.flush(&run, 20, &r.db.event_sink());
+    }
+    let ev = events_of(&r.replies());
+    assert_eq!(
+        ev,
+        [Record::FirstPacket {
+            sa: sref(Direction::In, 0x8001, 1)
+        }],
+        "one FirstPacket, no NAT change"
+    );
+    // The peer's NAT moves it to another address and port: reported once per new mapping.
+    {
+        let g = crossbeam_epoch::pin();
+        let sa = r.db.get(id, &g).unwrap();
+        for _ in 0..3 {
+            sa.note_source(ip("198.51.100.99"), 33333, 30, &r.db.event_sink());
+        }
+    }
+    let ev = events_of(&r.replies());
+    assert_eq!(
+        ev,
+        [Record::NatMappingChanged {
+            sa: sref(Direction::In, 0x8001, 1),
+            src: ip("198.51.100.99"),
+            src_port: 33333,
+        }]
+    );
+    // The control process follows it with an update: new peer, new limits, same SA.
+    let (s, rep) = r.cmd(Record::UpdateSa(SaUpdate {
+        sa: sref(Direction::In, 0x8001, 1),
+        remote: ip("198.51.100.99"),
+        encap: natt(33333),
+        lifetime: Lifetimes {
+            soft_packets: 5,
+            hard_packets: 100,
+            ..Lifetimes::default()
+        },
+    }));
+    // 6 packets counted so far: the new soft limit is already crossed, and said so at once.
+    assert!(rep.contains(&Record::Applied { seq: s }), "{rep:?}");
+    assert_eq!(
+        events_of(&rep),
+        [Record::SoftExpired {
+            sa: sref(Direction::In, 0x8001, 1),
+            limit: Limit::Packets
+        }]
+    );
+    {
+        let g = crossbeam_epoch::pin();
+        let sa = r.db.get(id, &g).expect("the same SA, updated in place");
+        let peer = **sa.peer();
+        assert_eq!(peer.remote, ip("198.51.100.99"));
+        assert_eq!(peer.encap.map(|e| e.dport), Some(33333));
+        assert_eq!(sa.lifetime().hard_packets, Some(100));
+        assert_eq!(sa.snapshot().packets, 6, "counters kept");
+        // The new mapping is now the peer's: no more reports.
+        sa.note_source(ip("198.51.100.99"), 33333, 40, &r.db.event_sink());
+    }
+    assert!(events_of(&r.replies()).is_empty());
+    // A resync re-push of the original record: adopted, and its (older) peer wins, as sent.
+    spec.generation = 2;
+    let (s, rep) = r.cmd(add(spec));
+    assert_applied(&rep, s);
+    assert_eq!(r.applier.sa_id(&sref(Direction::In, 0x8001, 2)), Some(id));
+    let g = crossbeam_epoch::pin();
+    let sa = r.db.get(id, &g).unwrap();
+    assert_eq!(sa.peer().encap.map(|e| e.dport), Some(4500));
+    assert_eq!(sa.snapshot().packets, 6);
+}
+
+#[test]
+fn unknown_spi_idle_and_sequence_events_reach_the_control_side() {
+    let mut r = rig("notices", RingParams::default());
+    let mut spec = sa(Direction::Out, 0x8101, 1, "out", 0);
+    spec.initial_seq = u64::from(u32::MAX) - 10;
+    let (s, rep) = r.cmd(add(spec));
+    assert_applied(&rep, s);
+    let (s, rep) = r.cmd(add(sa(Direction::In, 0x8102, 1, "in", 0)));
+    assert_applied(&rep, s);
+    let id = r.applier.sa_id(&sref(Direction::Out, 0x8101, 1)).unwrap();
+    {
+        let g = crossbeam_epoch::pin();
+        let out = r.db.get(id, &g).unwrap();
+        assert_eq!(out.reserve_seq(2, 5, &r.db.event_sink()).1, 2);
+    }
+    // Idle after 30 s without packets, once.
+    r.db.set_idle_seconds(30);
+    r.db.sweep(29_000_000_000);
+    r.db.sweep(31_000_000_000);
+    r.db.sweep(40_000_000_000);
+    // Unknown SPIs: reported with where they came from, at most 100 a second.
+    for i in 0..50u64 {
+        r.db.report_unknown_spi(UnknownSpi {
+            at_ns: 50_000_000_000 + i * 1_000_000,
+            spi: 0xdead,
+            src: ip("192.0.2.9"),
+            dst: ip(LOCAL),
+            sport: 4500,
+            dport: 4500,
+        });
+    }
+    let ev = events_of(&r.replies());
+    let out = sref(Direction::Out, 0x8101, 1);
+    let inb = sref(Direction::In, 0x8102, 1);
+    assert!(
+        ev.contains(&Record::SeqNearExhaustion { sa: out }),
+        "{ev:?}"
+    );
+    assert!(
+        ev.contains(&Record::SoftExpired {
+            sa: out,
+            limit: Limit::SequenceNumber
+        }),
+        "{ev:?}"
+    );
+    let idle: Vec<_> = ev
+        .iter()
+        .filter(|e| matches!(e, Record::Idle { .. }))
+        .collect();
+    assert_eq!(
+        idle,
+        [
+            &Record::Idle {
+                sa: out,
+                seconds: 30
+            },
+            &Record::Idle {
+                sa: inb,
+                seconds: 30
+            }
+        ],
+        "{ev:?}"
+    );
+    let unknown: Vec<_> = ev
+        .iter()
+        .filter(|e| matches!(e, Record::UnknownSpi { .. }))
+        .collect();
+    // 50 packets over 49 ms: one report per 10 ms.
+    assert_eq!(unknown.len(), 5, "{unknown:?}");
+    assert_eq!(
+        unknown[0],
+        &Record::UnknownSpi {
+            spi: 0xdead,
+            src: ip("192.0.2.9"),
+            dst: ip(LOCAL),
+            src_port: 4500,
+            dst_port: 4500
+        }
+    );
 }
