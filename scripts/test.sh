@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # Run every test espgw has: formatting, lints, licences, unit and property tests, known-answer
 # tests, the scapy cross-check, the fuzz targets (bounded), the root tests in network namespaces
-# (XDP steering, netlink next hops, the live gateway against a scapy peer), the benchmark smoke
-# runs and both demos. Installs what is missing first (scripts/setup.sh). Run as root: the
-# namespace tests need it (they are marked #[ignore] for `cargo test` without root).
+# (XDP steering, netlink next hops, the live gateway against a scapy peer, rekeying through the
+# SA ring under traffic), the benchmark smoke runs and both demos. Installs what is missing
+# first (scripts/setup.sh). Run as root: the namespace tests need it (they are marked #[ignore]
+# for `cargo test` without root).
 #
 #   bash scripts/test.sh                 everything
 #   ESPGW_FUZZ_SECONDS=300 ...           fuzz longer (default 60 s per target)
@@ -37,14 +38,18 @@ fi
 cargo test --quiet -p espgw-dataplane --test xdp_steering --test netlink_nexthops -- --ignored
 
 step "release build"
-cargo build --release --quiet -p espgw-dataplane
+cargo build --release --quiet -p espgw-dataplane -p espgw-ringctl
 BIN=$ROOT/target/release/espgw-dataplane
+RINGCTL=$ROOT/target/release/espgw-ringctl
 
 step "cross-check against scapy (independent ESP implementation)"
 "$ROOT/.venv/bin/python" tests/scapy/crosscheck.py --bin "$BIN"
 
 step "end to end: the gateway between namespaces, against a scapy peer"
 ESPGW_BIN="$BIN" "$ROOT/.venv/bin/python" -m unittest tests/e2e/test_gateway.py -v
+
+step "end to end: make-before-break rekeying every second under traffic (SA ring, espgw-ringctl)"
+ESPGW_BIN="$BIN" ESPGW_RINGCTL="$RINGCTL" "$ROOT/.venv/bin/python" -m unittest tests/e2e/test_rekey.py -v
 
 step "fuzz: inbound and outbound paths, ${FUZZ_SECONDS}s each"
 for t in inbound outbound; do

@@ -18,6 +18,12 @@ Commands:
       "data"}, ...]} once N datagrams arrived or S seconds passed.
   udp_send                   (stdin: JSON list of {"src", "sport", "dst", "dport", "data"})
       sends each datagram from a kernel UDP socket bound to src:sport; result {"sent": n}.
+  udp_stream --dst A --dport P --rate PPS --seconds S [--size N]
+      sends numbered datagrams (8-byte big-endian counter from 0, padded to N bytes) at PPS
+      for S seconds, paced on the clock; result {"sent": n}.
+  udp_count --port P [--addr A] [--idle S] [--timeout S]
+      counts numbered datagrams; result {"received", "unique", "missing": [first ones],
+      "highest"} once S seconds pass without one (after the first) or the timeout.
 """
 
 from __future__ import annotations
@@ -113,6 +119,48 @@ def cmd_udp_send(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_udp_stream(args: argparse.Namespace) -> int:
+    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    pad = b"\x00" * max(0, args.size - 8)
+    total = int(args.rate * args.seconds)
+    t0 = time.monotonic()
+    for n in range(total):
+        wait = t0 + n / args.rate - time.monotonic()
+        if wait > 0:
+            time.sleep(wait)
+        s.sendto(n.to_bytes(8, "big") + pad, (args.dst, args.dport))
+    s.close()
+    emit({"sent": total})
+    return 0
+
+
+def cmd_udp_count(args: argparse.Namespace) -> int:
+    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 << 20)
+    s.bind((args.addr, args.port))
+    emit({"ready": True})
+    seen: set[int] = set()
+    received = 0
+    deadline = time.monotonic() + args.timeout
+    last = None
+    while True:
+        now = time.monotonic()
+        if now > deadline or (last is not None and now - last > args.idle):
+            break
+        r, _, _ = select.select([s], [], [], 0.2)
+        if not r:
+            continue
+        data = s.recv(65535)
+        if len(data) >= 8:
+            received += 1
+            seen.add(int.from_bytes(data[:8], "big"))
+            last = time.monotonic()
+    highest = max(seen) if seen else -1
+    missing = [n for n in range(highest + 1) if n not in seen][:50]
+    emit({"received": received, "unique": len(seen), "missing": missing, "highest": highest})
+    return 0
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     sub = ap.add_subparsers(dest="cmd", required=True)
@@ -135,6 +183,19 @@ def main() -> int:
     p = sub.add_parser("udp_send")
     p.add_argument("--gap", type=float, default=0.0)
     p.set_defaults(fn=cmd_udp_send)
+    p = sub.add_parser("udp_stream")
+    p.add_argument("--dst", required=True)
+    p.add_argument("--dport", type=int, required=True)
+    p.add_argument("--rate", type=float, required=True)
+    p.add_argument("--seconds", type=float, required=True)
+    p.add_argument("--size", type=int, default=64)
+    p.set_defaults(fn=cmd_udp_stream)
+    p = sub.add_parser("udp_count")
+    p.add_argument("--addr", default="0.0.0.0")
+    p.add_argument("--port", type=int, required=True)
+    p.add_argument("--idle", type=float, default=2.0)
+    p.add_argument("--timeout", type=float, default=120.0)
+    p.set_defaults(fn=cmd_udp_count)
     args = ap.parse_args()
     return args.fn(args)
 
