@@ -32,8 +32,12 @@
 #             of SCHED_IDLE (closed loop: it only takes CPU time the workers leave).
 #   --perf    also record `perf record -a -g` over each generator window (implies --keep;
 #             the profiles perturb the figures: for analysis only).
+#   --churn N after each crypto run, the same run again while `espgw-ringctl push --count N
+#             --delete` installs and deletes N SAs through the SA ring, over and over, for the
+#             whole window ("forwarding while SAs are being installed"; ratio churn/crypto).
 # Environment: ESPGW_BIN (gateway binary; default $CARGO_TARGET_DIR/release/espgw-dataplane,
 #   built if it is not given), ESPGW_XDPGEN (generator; default built the same way),
+#   ESPGW_RINGCTL (for --churn; default built the same way),
 #   ESPGW_PYTHON (python with scapy; default .venv/bin/python), CARGO_TARGET_DIR.
 # Needs root. Every namespace, process and file it creates is removed on exit.
 
@@ -49,6 +53,7 @@ PERF=0
 SINK_HOOK=tc
 GEN_IDLE2=1
 RESULTS_OUT=
+CHURN=0
 while [ $# -gt 0 ]; do
     case "$1" in
         --quick) ROUNDS=1; RUN_SECONDS=1 ;;
@@ -62,7 +67,8 @@ while [ $# -gt 0 ]; do
         --gen-normal) GEN_IDLE2= ;;
         --results) RESULTS_OUT=$2; shift ;;
         --perf) PERF=1; KEEP=1 ;;
-        -h|--help) sed -n '2,38p' "$0"; exit 0 ;;
+        --churn) CHURN=$2; shift ;;
+        -h|--help) sed -n '2,42p' "$0"; exit 0 ;;
         *) echo "fwd.sh: unknown argument $1 (see --help)" >&2; exit 2 ;;
     esac
     shift
@@ -104,7 +110,13 @@ if [ -z "${ESPGW_XDPGEN:-}" ]; then
     ESPGW_XDPGEN=$TARGET/release/espgw-xdpgen
 fi
 GEN=$ESPGW_XDPGEN
-for b in "$ESPGW_BIN" "$GEN"; do
+[[ "$CHURN" =~ ^[0-9]+$ ]] || { echo "fwd.sh: --churn takes a number of SAs" >&2; exit 2; }
+if [ "$CHURN" -gt 0 ] && [ -z "${ESPGW_RINGCTL:-}" ]; then
+    (cd "$ROOT" && cargo build --quiet --release -p espgw-ringctl --bin espgw-ringctl)
+    ESPGW_RINGCTL=$TARGET/release/espgw-ringctl
+fi
+RINGCTL=${ESPGW_RINGCTL:-}
+for b in "$ESPGW_BIN" "$GEN" ${RINGCTL:+"$RINGCTL"}; do
     [ -x "$b" ] || { echo "fwd.sh: $b is not an executable" >&2; exit 2; }
 done
 
@@ -123,6 +135,7 @@ MAC_LG=02:ef:00:00:01:01
 MAC_WG=02:ef:00:00:02:01
 MAC_WH=02:ef:00:00:02:02
 TMP=$(mktemp -d /tmp/espgw-fwd.XXXXXX)
+SA_RING=/dev/shm/espgw-fwd-$ID.ring
 PIDS=()
 
 cleanup() {
@@ -141,6 +154,7 @@ cleanup() {
             ip netns del "$ns" 2>/dev/null || true
         fi
     done
+    rm -f "$SA_RING"
     if [ "$KEEP" = 1 ]; then
         echo "fwd.sh: files kept in $TMP" >&2
     else
@@ -249,6 +263,8 @@ json.dump(meta, open(f"{tmp}/frames.json", "w"))
 EOF
 for s in $SIZES; do
     cp "$TMP/lan-wan-plain-$s.pcap" "$TMP/lan-wan-crypto-$s.pcap"
+    # --churn: the crypto run's frames.
+    for d in lan-wan wan-lan; do ln -s "$TMP/$d-crypto-$s.pcap" "$TMP/$d-churn-$s.pcap"; done
 done
 
 # CPU time used during a run by processes that are not part of it (other users of this VM: the
@@ -300,6 +316,9 @@ write_config() { # kind cores file
         echo "[dataplane]"
         case $kind in
             crypto) echo 'default_action = "discard"' ;;
+            churn) echo 'default_action = "discard"'
+                   echo "ring = \"$SA_RING\""
+                   echo "max_sas = $((CHURN + 64))" ;;
             forward) echo 'mode = "forward"' ;;
             bypass) echo 'default_action = "bypass"' ;;
         esac
@@ -317,7 +336,7 @@ interface = "$IF_WG"
 [dataplane.lan]
 interface = "$IF_LG"
 EOF
-        if [ "$kind" = crypto ]; then
+        if [ "$kind" = crypto ] || [ "$kind" = churn ]; then
             cat <<'EOF'
 
 [[sa]]
@@ -363,7 +382,9 @@ for w in $WORKERS; do
     [ "$w" = 2 ] && cores="0, 1"
     write_config crypto "$cores" "$TMP/crypto-$w.toml"
     write_config "$BASE" "$cores" "$TMP/plain-$w.toml"
-    for k in crypto plain; do
+    kinds="crypto plain"
+    [ "$CHURN" = 0 ] || { write_config churn "$cores" "$TMP/churn-$w.toml"; kinds="$kinds churn"; }
+    for k in $kinds; do
         "$ESPGW_BIN" check-config "$TMP/$k-$w.toml" >/dev/null 2>"$TMP/check.err" || {
             cat "$TMP/check.err" >&2; exit 1; }
     done
@@ -420,6 +441,15 @@ run_one() {
     local gen_tx_drop0
     gen_tx_drop0=$(ip netns exec "$gen_ns" cat /sys/class/net/"$gen_if"/statistics/tx_dropped)
     "$PY" "$TMP/cpu.py" snap "$TMP/cpu0.json" "$gw" "$sink"
+    local churn=""
+    if [ "$sys" = churn ]; then
+        # Its own session, so that the loop and the ringctl it runs go together at the end.
+        bg setsid bash -c 'while "$0" push --ring "$1" --count "$2" --delete --window 1024; do :; done' \
+            "$RINGCTL" "$SA_RING" "$CHURN" >"$TMP/churn-$tag.jsonl" 2>"$TMP/churn-$tag.err"
+        churn=$BG_PID
+        # Let the first installs start before the window opens.
+        for _ in $(seq 100); do [ -s "$TMP/churn-$tag.jsonl" ] && break; sleep 0.02; done
+    fi
     local perf=""
     if [ "$PERF" = 1 ]; then
         bg perf record -q -a -g -o "$TMP/perf-$tag.data" -- sleep "$RUN_SECONDS" 2>/dev/null
@@ -433,6 +463,11 @@ run_one() {
         return 1
     fi
     "$PY" "$TMP/cpu.py" snap "$TMP/cpu1.json" "$gw" "$sink" $perf
+    if [ -n "$churn" ]; then
+        kill -TERM -- "-$churn" 2>/dev/null || true
+        wait "$churn" 2>/dev/null || true
+        forget "$churn"
+    fi
     if [ -n "$perf" ]; then
         wait "$perf" || true
         forget "$perf"
@@ -451,13 +486,26 @@ run_one() {
     forget "$gw"
     "$PY" - "$sys" "$dir" "$size" "$w" "$round" "$pp" "$TMP/gen-$tag.json" \
         "$TMP/sink-$tag.json" "$TMP/stats-$tag.json" "$((gen_tx_drop1 - gen_tx_drop0))" "$cpu" \
-        >>"$RESULTS" <<'EOF'
-import json, sys
+        "$TMP/churn-$tag.jsonl" >>"$RESULTS" <<'EOF'
+import json, os, sys
 sys_, dir_, size, w, rnd, pp = sys.argv[1:7]
+churn = {"installs": 0, "install_seconds": 0.0, "deletes": 0}
+if os.path.exists(sys.argv[12]):
+    for line in open(sys.argv[12]):
+        try:
+            rec = json.loads(line)
+        except ValueError:
+            continue
+        if "installs" in rec:
+            churn["installs"] += rec["installs"]["applied"]
+            churn["install_seconds"] += rec["installs"]["seconds"]
+        if "deletes" in rec:
+            churn["deletes"] += rec["deletes"]["applied"]
 gen, sink, st = (json.load(open(p)) for p in sys.argv[7:10])
 gen_tx_dropped = int(sys.argv[10])
 cpu = json.loads(sys.argv[11])
-want = {"crypto": "esp" if dir_ == "lan-wan" else "udp", "plain": "udp"}[sys_]
+esp_or_udp = "esp" if dir_ == "lan-wan" else "udp"
+want = {"crypto": esp_or_udp, "churn": esp_or_udp, "plain": "udp"}[sys_]
 t = st["totals"]
 sockets = [dict(s["kernel"], port=s["port"], queue=s["queue"], worker=wk["worker"])
            for wk in st["workers"] for s in wk["sockets"]]
@@ -473,6 +521,7 @@ print(json.dumps({
     "sink_packets": sink[want]["packets"], "sink_other": sink["packets"] - sink[want]["packets"],
     "sink_bytes": sink[want]["bytes"], "sink_active_pps": sink["active_pps"],
     "pps": sink[want]["packets"] / gen["seconds"],
+    "churn": churn,
     "gw": {"wan": t["wan"], "lan": t["lan"], "mean_burst_fill": t["mean_burst_fill"],
            "bursts": t["bursts"], "drops": t["drops"],
            "idle_polls": [wk["idle_polls"] for wk in st["workers"]],
@@ -492,6 +541,7 @@ for dir in $DIRS; do
         for w in $WORKERS; do
             for ((r = 1; r <= ROUNDS; r++)); do
                 run_one crypto "$dir" "$size" "$w" "$r"
+                [ "$CHURN" = 0 ] || run_one churn "$dir" "$size" "$w" "$r"
                 if [ "$BASE" = bypass ] && [ "$dir" = wan-lan ]; then
                     continue   # no plain wan->lan path without mode = "forward"
                 fi
@@ -608,6 +658,29 @@ for (d, size, w), pairs in summary:
     print(f"  {d:<8} {size:>5} B {w} worker(s): ratio {med:.3f} (median of {len(use)} "
           f"{'clean ' if any(p[1] for p in pairs) else ''}round(s); all rounds "
           f"{min(rs):.2f}-{max(rs):.2f}){status}" + ("; " + "; ".join(note) if note else ""))
+churn_rows = [r for r in rows if r["system"] == "churn"]
+if churn_rows:
+    print()
+    print("While SAs are installed and deleted through the SA ring (espgw-ringctl push --delete "
+          "in a loop for the whole window) vs the crypto run just before it: target >= 0.90")
+    for (d, size, w) in keys:
+        rs = []
+        for c in [r for r in churn_rows if (r["dir"], r["size"], r["workers"]) == (d, size, w)]:
+            a = next((r for r in rows if (r["dir"], r["size"], r["workers"], r["round"],
+                                          r["system"]) == (d, size, w, c["round"], "crypto")), None)
+            if a and a["pps"] > 0:
+                ch = c["churn"]
+                rate = ch["installs"] / ch["install_seconds"] if ch["install_seconds"] else 0
+                rs.append(c["pps"] / a["pps"])
+                print(f"  {d:<8} {size:>5} B {w} worker(s) round {c['round']}: crypto "
+                      f"{a['pps']/1e6:.3f} Mpps, while installing {c['pps']/1e6:.3f} Mpps, "
+                      f"ratio {c['pps'] / a['pps']:.3f}; {ch['installs']} SAs installed and "
+                      f"{ch['deletes']} deleted in the window ({rate:,.0f} installs/s while "
+                      "installing)")
+        if rs:
+            med = statistics.median(rs)
+            print(f"  {d:<8} {size:>5} B {w} worker(s): median ratio {med:.3f}"
+                  + (" [meets the target]" if med >= 0.9 else " [BELOW the target]"))
 failed = [f"{r['system']} {r['dir']} {r['size']} B {r['workers']} worker(s) round {r['round']}"
           for r in rows if r["sink_packets"] == 0]
 if failed:
