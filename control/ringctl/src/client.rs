@@ -333,6 +333,9 @@ pub struct Client {
     events: VecDeque<Event>,
     dropped_seen: u64,
     tally: Tally,
+    /// A new data plane has not received the desired state yet (a resync after a restart
+    /// failed, e.g. timed out): [`Client::ensure_current`] tries again.
+    resync_owed: bool,
 }
 
 impl std::fmt::Debug for Client {
@@ -442,6 +445,7 @@ impl Client {
             events: VecDeque::new(),
             dropped_seen,
             tally: Tally::default(),
+            resync_owed: false,
         })
     }
 
@@ -1283,12 +1287,17 @@ impl Client {
     /// reattaches and re-pushes the desired state ([`Client::resync`]). Events still unread in
     /// the old segment are queued first; commands in flight there are forgotten (their
     /// outcome does not matter: the new data plane gets the desired state).
+    ///
+    /// A resync that fails (the new data plane stalled, an answer timed out) is owed: every
+    /// later call tries it again until one succeeds, so the new data plane always ends up
+    /// with the desired state.
     pub fn ensure_current(&mut self) -> Result<Health, ClientError> {
         if self.ends.segment.is_current() {
-            return Ok(match self.ends.segment.peer_alive() {
-                Ok(false) => Health::DataPlaneDown,
-                _ => Health::Current,
-            });
+            return match self.ends.segment.peer_alive() {
+                Ok(false) => Ok(Health::DataPlaneDown),
+                _ if self.resync_owed => self.owed_resync(),
+                _ => Ok(Health::Current),
+            };
         }
         let ends = match open(&self.path) {
             Ok(e) => e,
@@ -1310,7 +1319,14 @@ impl Client {
         self.answered.clear();
         self.counters.clear();
         self.dropped_seen = self.ends.rx.dropped();
-        self.resync().map(Health::Resynced)
+        self.resync_owed = true;
+        self.owed_resync()
+    }
+
+    fn owed_resync(&mut self) -> Result<Health, ClientError> {
+        let report = self.resync()?;
+        self.resync_owed = false;
+        Ok(Health::Resynced(report))
     }
 }
 
