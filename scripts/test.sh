@@ -67,8 +67,11 @@ done
 step "benchmarks (smoke: each case once)"
 cargo bench --quiet -p espgw-benches -- --test
 
-step "forwarding benchmark over veth (smoke: one short round; figures: bash benches/fwd.sh)"
-ESPGW_BIN="$BIN" bash benches/fwd.sh --quick
+step "SA scaling benchmark (smoke: installs through the SA ring, memory, lookups; figures: benches/README.md)"
+cargo run --release --quiet -p espgw-benches --bin espgw-sa-scale -- --quick
+
+step "forwarding benchmark over veth (smoke: one short round, also while SAs are installed; figures: bash benches/fwd.sh)"
+ESPGW_BIN="$BIN" ESPGW_RINGCTL="$RINGCTL" bash benches/fwd.sh --quick --churn 20000
 
 step "offline demo (espgw-dataplane demo: two gateways in one process, captures)"
 DEMO_DIR=$(mktemp -d)
