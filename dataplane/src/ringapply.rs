@@ -475,7 +475,14 @@ impl State {
             return if fp.is_some() && existing.fingerprint == fp {
                 // The same record again (read twice after a crash): its peer and limits are
                 // absolute values, setting them again is harmless.
-                self.set_mutable(existing.id, spec, now_ns)
+                self.set_mutable(
+                    existing.id,
+                    spec.spi,
+                    spec.remote,
+                    spec.encap,
+                    &spec.lifetime,
+                    now_ns,
+                )
             } else {
                 Err(format!(
                     "{} is already installed with other parameters; delete it first",
@@ -509,7 +516,14 @@ impl State {
                 // The re-pushed peer and limits win (the control process may have updated them
                 // while the data plane could not hear it).
                 return match self.sas.get(&r) {
-                    Some(sa) => self.set_mutable(sa.id, spec, now_ns),
+                    Some(sa) => self.set_mutable(
+                        sa.id,
+                        spec.spi,
+                        spec.remote,
+                        spec.encap,
+                        &spec.lifetime,
+                        now_ns,
+                    ),
                     None => Ok(()),
                 };
             }
@@ -550,30 +564,30 @@ impl State {
         {
             return Err(format!("{who}: UDP encapsulation with port 0"));
         }
-        let peer = sa::Peer {
-            remote: u.remote,
-            encap: u.encap.map(|e| sa::UdpEncap {
-                sport: e.local_port,
-                dport: e.remote_port,
-            }),
-        };
-        self.db
-            .update(sa.id, peer, lifetime(&u.lifetime), now_ns)
-            .map_err(|e| format!("SA {:#010x}: {e}", u.sa.spi))
+        self.set_mutable(sa.id, u.sa.spi, u.remote, u.encap, &u.lifetime, now_ns)
     }
 
-    /// Sets an installed SA's peer and limits from an `AddSa` record.
-    fn set_mutable(&self, id: SaId, spec: &SaSpec, now_ns: u64) -> Result<(), String> {
+    /// Sets an installed SA's peer address, UDP ports and limits (from an `UpdateSa`, or from
+    /// an `AddSa` that re-pushes an installed SA).
+    fn set_mutable(
+        &self,
+        id: SaId,
+        spi: u32,
+        remote: IpAddr,
+        encap: Option<record::UdpEncap>,
+        limits: &record::Lifetimes,
+        now_ns: u64,
+    ) -> Result<(), String> {
         let peer = sa::Peer {
-            remote: spec.remote,
-            encap: spec.encap.map(|e| sa::UdpEncap {
+            remote,
+            encap: encap.map(|e| sa::UdpEncap {
                 sport: e.local_port,
                 dport: e.remote_port,
             }),
         };
         self.db
-            .update(id, peer, lifetime(&spec.lifetime), now_ns)
-            .map_err(|e| format!("SA {:#010x}: {e}", spec.spi))
+            .update(id, peer, lifetime(limits), now_ns)
+            .map_err(|e| format!("SA {spi:#010x}: {e}"))
     }
 
     fn protects_with(&self, name: &str) -> bool {

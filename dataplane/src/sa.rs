@@ -234,16 +234,6 @@ pub struct Event {
     pub kind: EventKind,
 }
 
-impl Event {
-    /// The limit of a soft or hard expiry.
-    pub fn limit(&self) -> Option<Limit> {
-        match self.kind {
-            EventKind::SoftExpired { limit } | EventKind::HardExpired { limit } => Some(limit),
-            _ => None,
-        }
-    }
-}
-
 /// ESP for an SPI no inbound SA has (RFC 4301 §6.1.2: the control process may tell the peer,
 /// e.g. with an IKEv1 INVALID-SPI notification). Rate-limited by the SA database.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
