@@ -57,7 +57,6 @@ use crate::sa::{
 use crate::sadb::SaDb;
 use espgw_crypto::{AeadAlg, CipherAlg, CryptoProvider, SaKeys, Transform};
 use espgw_ring::record;
-use espgw_ring::record::MAX_ENCODED_LEN;
 use espgw_ring::{
     Consumer, PolicyAction, PolicySpec, Producer, PushError, Record, RingError, RingParams,
     SaCounters, SaRef, SaSpec, SaUpdate, Segment, SegmentError,
@@ -68,6 +67,10 @@ use std::net::IpAddr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use zeroize::Zeroizing;
+
+/// The applier's tables, keyed by what the control process sent: foldhash (seeded per process)
+/// instead of SipHash, which was a visible share of an install.
+type FastMap<K, V> = HashMap<K, V, foldhash::fast::RandomState>;
 
 /// Most commands one [`Applier::poll`] handles, so a flood never starves the caller.
 pub const MAX_RECORDS_PER_POLL: usize = 256;
@@ -101,17 +104,17 @@ struct InstalledSa {
     id: SaId,
     name: String,
     direction: record::Direction,
-    fingerprint: Option<u64>,
+    fingerprint: u64,
 }
 
 /// What the commands change: the SAs and policies the ring installed.
 struct State {
     db: Arc<SaDb>,
     provider: Arc<dyn CryptoProvider>,
-    sas: HashMap<SaRef, InstalledSa>,
+    sas: FastMap<SaRef, InstalledSa>,
     /// Generations installed per (direction, SPI), for adoption.
-    by_spi: HashMap<(record::Direction, u32), Vec<u64>>,
-    by_id: HashMap<SaId, SaRef>,
+    by_spi: FastMap<(record::Direction, u32), Vec<u64>>,
+    by_id: FastMap<SaId, SaRef>,
     policies: BTreeMap<u32, PolicySpec>,
     /// The SPD's policies when the applier started (the configuration file's).
     base: Spd,
@@ -187,9 +190,9 @@ impl Applier {
             state: State {
                 db,
                 provider,
-                sas: HashMap::new(),
-                by_spi: HashMap::new(),
-                by_id: HashMap::new(),
+                sas: FastMap::default(),
+                by_spi: FastMap::default(),
+                by_id: FastMap::default(),
                 policies: BTreeMap::new(),
                 base,
                 file_sas,
@@ -447,32 +450,54 @@ impl State {
         out
     }
 
-    /// A keyed hash of everything but the generation and `initial_seq` (`None` for a spec that
-    /// does not encode, which then matches nothing).
-    /// The SA's identity: everything but the generation, the initial sequence number and what
-    /// an `UpdateSa` may change (peer address, UDP ports, lifetimes).
-    fn fingerprint(&self, spec: &SaSpec) -> Option<u64> {
-        let mut s = spec.clone();
-        s.generation = 0;
-        s.initial_seq = 0;
-        s.remote = s.local;
-        if let Some(e) = &mut s.encap {
-            e.local_port = 1;
-            e.remote_port = 1;
+    /// A keyed hash of the SA's identity: everything but the generation, the initial sequence
+    /// number and what an `UpdateSa` may change (peer address, UDP ports, lifetimes). The
+    /// fields are hashed straight from the record (no copy of the keys); the destructuring
+    /// names every field, so a field added to `SaSpec` must be placed on one side or the other.
+    fn fingerprint(&self, spec: &SaSpec) -> u64 {
+        use std::hash::{Hash, Hasher};
+        let SaSpec {
+            generation: _,
+            spi,
+            direction,
+            mode,
+            reqid,
+            name,
+            local,
+            remote: _,
+            encap,
+            enc_alg,
+            integ_alg,
+            enc_key,
+            salt,
+            integ_key,
+            icv_len,
+            esn,
+            initial_seq: _,
+            replay_window,
+            lifetime: _,
+            selectors,
+            df,
+            dscp,
+            ecn,
+            outer_ttl,
+        } = spec;
+        let mut h = self.hasher.build_hasher();
+        (spi, direction, mode, reqid, name, local).hash(&mut h);
+        encap.is_some().hash(&mut h);
+        (enc_alg, integ_alg, icv_len, esn, replay_window).hash(&mut h);
+        for k in [enc_key, salt, integ_key] {
+            k.as_bytes().hash(&mut h);
         }
-        s.lifetime = record::Lifetimes::default();
-        let mut buf = Zeroizing::new([0u8; MAX_ENCODED_LEN]);
-        match Record::AddSa(Box::new(s)).encode(&mut buf[..]) {
-            Ok(n) => Some(self.hasher.hash_one(&buf[..n])),
-            Err(_) => None,
-        }
+        (selectors, df, dscp, ecn, outer_ttl).hash(&mut h);
+        h.finish()
     }
 
     fn add_sa(&mut self, spec: &SaSpec, now_ns: u64) -> Result<(), String> {
         let r = spec.sa_ref();
         let fp = self.fingerprint(spec);
         if let Some(existing) = self.sas.get(&r) {
-            return if fp.is_some() && existing.fingerprint == fp {
+            return if existing.fingerprint == fp {
                 // The same record again (read twice after a crash): its peer and limits are
                 // absolute values, setting them again is harmless.
                 self.set_mutable(
@@ -498,7 +523,7 @@ impl State {
                     generation: *g,
                     ..r
                 };
-                fp.is_some() && self.sas.get(&old).is_some_and(|s| s.fingerprint == fp)
+                self.sas.get(&old).is_some_and(|s| s.fingerprint == fp)
             });
             if let Some(g) = same {
                 let old = SaRef { generation: g, ..r };
@@ -558,7 +583,7 @@ impl State {
             return Err(format!("no such SA: {}", sa_words(&u.sa)));
         };
         let who = sa_words(&u.sa);
-        check_addr(&format!("{who}: remote"), u.remote)?;
+        check_addr(&who, "remote", u.remote)?;
         if let Some(e) = u.encap
             && (e.local_port == 0 || e.remote_port == 0)
         {
@@ -787,23 +812,30 @@ fn lifetime(l: &record::Lifetimes) -> Lifetime {
     }
 }
 
-fn check_addr(what: &str, a: IpAddr) -> Result<(), String> {
-    if a.is_unspecified() || a.is_multicast() {
-        return Err(format!("{what} address {a} cannot carry ESP"));
+/// `SA "name"` in a rejection reason.
+#[derive(Clone, Copy)]
+struct SaName<'a>(&'a str);
+
+impl std::fmt::Display for SaName<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "SA {:?}", self.0)
     }
-    if let IpAddr::V4(v4) = a
-        && v4.is_broadcast()
-    {
-        return Err(format!("{what} address {a} cannot carry ESP"));
+}
+
+fn check_addr(who: &dyn std::fmt::Display, what: &str, a: IpAddr) -> Result<(), String> {
+    let broadcast = matches!(a, IpAddr::V4(v4) if v4.is_broadcast());
+    if a.is_unspecified() || a.is_multicast() || broadcast {
+        return Err(format!("{who}: {what} address {a} cannot carry ESP"));
     }
     Ok(())
 }
 
 /// A decoded `AddSa` as the SA database's parameters, with the checks decoding does not do.
 pub fn sa_params(s: &SaSpec) -> Result<SaParams, String> {
-    let who = format!("SA {:?}", s.name);
-    check_addr(&format!("{who}: local"), s.local)?;
-    check_addr(&format!("{who}: remote"), s.remote)?;
+    // Only formatted when a check fails: installing is the common case.
+    let who = SaName(&s.name);
+    check_addr(&who, "local", s.local)?;
+    check_addr(&who, "remote", s.remote)?;
     if s.local.is_ipv4() != s.remote.is_ipv4() {
         return Err(format!(
             "{who}: local and remote addresses of different families"

@@ -133,9 +133,9 @@ struct Writer {
     free: Vec<u32>,
     /// Generation of each slot, bumped on every install.
     generations: Vec<u32>,
-    names: HashMap<String, SaId>,
+    names: HashMap<String, SaId, foldhash::fast::RandomState>,
     /// Inbound SAs per SPI, to detect duplicates and SPI sharing.
-    inbound_by_spi: HashMap<u32, Vec<SaId>>,
+    inbound_by_spi: HashMap<u32, Vec<SaId>, foldhash::fast::RandomState>,
     installed: usize,
     tombstones: usize,
     index_capacity: usize,
@@ -175,8 +175,8 @@ impl SaDb {
             writer: Mutex::new(Writer {
                 free: (0..capacity as u32).rev().collect(),
                 generations: vec![0; capacity],
-                names: HashMap::new(),
-                inbound_by_spi: HashMap::new(),
+                names: HashMap::default(),
+                inbound_by_spi: HashMap::default(),
                 installed: 0,
                 tombstones: 0,
                 index_capacity: capacity,

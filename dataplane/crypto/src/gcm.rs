@@ -118,7 +118,7 @@ pub(crate) struct GcmSa {
     key: RingKey,
     salt: Zeroizing<[u8; SALT_LEN]>,
     /// Present when the ICV is truncated (or when forced, in tests).
-    soft: Option<SoftGcm>,
+    soft: Option<Box<SoftGcm>>,
 }
 
 impl GcmSa {
@@ -159,7 +159,7 @@ impl GcmSa {
         };
         let key = RingKey::new(ring_alg, aes_key).map_err(|_| enc_err())?;
         let soft = if usize::from(icv_len) < FULL_TAG || force_soft {
-            Some(SoftGcm::new(alg, aes_key).ok_or_else(enc_err)?)
+            Some(Box::new(SoftGcm::new(alg, aes_key).ok_or_else(enc_err)?))
         } else {
             None
         };
