@@ -300,6 +300,16 @@ impl ReplayWindow {
         (u64::from(high) << 32) | u64::from(seq_low)
     }
 
+    /// Start loading the window's state for a packet whose sequence number ends in `seq_low`
+    /// (the low 32 bits from the ESP header: they choose the bitmap word, ESN or not).
+    #[inline]
+    pub fn prefetch(&self, seq_low: u32) {
+        espgw_crypto::prefetch_lines(std::ptr::from_ref(&self.top).cast(), 8);
+        if let Some(w) = self.words.get(self.locate(u64::from(seq_low)).0) {
+            espgw_crypto::prefetch_lines(std::ptr::from_ref(w).cast(), 8);
+        }
+    }
+
     #[inline]
     fn locate(&self, seq: u64) -> (usize, u32, u32) {
         let block = seq >> BLOCK_SHIFT;

@@ -864,12 +864,40 @@ impl Pipeline {
         let sink = db.event_sink();
         let mut metas: ArrayVec<Meta<'_>, MAX_BURST> = ArrayVec::new();
 
-        // 1. classify, look up, pre-check.
-        let mut sas = SaCache::<(u32, FlowAddr)>::new();
+        // 1. classify and look up, in passes over the burst, so that with many SAs the cache
+        //    misses of different packets overlap instead of forming one chain per packet:
+        //    (a) headers up to the SPI; (b) the SA lookups, back to back; (c) prefetch each new
+        //    SA's state, key material and replay word; (d) the checks that read them.
+        let mut parsed: ArrayVec<Option<InSpi>, MAX_BURST> = ArrayVec::new();
         for f in frames.iter() {
             metas.push(Meta::EMPTY);
             let Some(m) = metas.last_mut() else { break };
-            if let Err(v) = classify_in(f, m, &db, &net, &guard, &mut sas, now_ns) {
+            let p = parse_in(f, m, &net).map_err(|v| m.finish(v)).ok();
+            parsed.push(p);
+        }
+        let mut sas = SaCache::<(u32, FlowAddr)>::new();
+        for (m, p) in metas.iter_mut().zip(parsed.iter()) {
+            if let Some(p) = p {
+                match lookup_in(p, &db, &guard, &mut sas, now_ns) {
+                    Ok(sa) => m.sa = Some(sa),
+                    Err(v) => m.finish(v),
+                }
+            }
+        }
+        let mut last: Option<&Sa> = None;
+        for (m, p) in metas.iter().zip(parsed.iter()) {
+            if let (Some(sa), Some(p)) = (m.sa, p)
+                && !same_sa(Some(sa), last)
+            {
+                sa.prefetch_inbound(p.seq_low);
+                last = Some(sa);
+            }
+        }
+        for ((f, m), p) in frames.iter().zip(metas.iter_mut()).zip(parsed.iter()) {
+            if let (Some(sa), Some(p)) = (m.sa, p)
+                && let Err(v) = check_in(f, m, sa, p, now_ns)
+            {
+                m.sa = None;
                 m.finish(v);
             }
         }
@@ -1231,16 +1259,23 @@ fn bypass(forwarded: bool, f: &mut Frame<'_>, l3: L3, dst: IpAddr, net: &Network
     }
 }
 
+/// What `parse_in` found in front of an inbound ESP packet's SA lookup.
+#[derive(Debug, Clone, Copy)]
+struct InSpi {
+    spi: u32,
+    src: FlowAddr,
+    dst: FlowAddr,
+    /// UDP source and destination ports (0, 0 for plain ESP).
+    ports: (u16, u16),
+    esp_at: usize,
+    esp_end: usize,
+    /// The sequence number field (low 32 bits).
+    seq_low: u32,
+}
+
+/// Inbound, first pass: the outer headers up to the SPI (no SA touched yet).
 #[inline(always)]
-fn classify_in<'g>(
-    f: &Frame<'_>,
-    m: &mut Meta<'g>,
-    db: &'g SaDb,
-    net: &Network,
-    guard: &'g crossbeam_epoch::Guard,
-    sas: &mut SaCache<'g, (u32, FlowAddr)>,
-    now_ns: u64,
-) -> Result<(), Verdict> {
+fn parse_in(f: &Frame<'_>, m: &mut Meta<'_>, net: &Network) -> Result<InSpi, Verdict> {
     let data = f.data();
     let l3 = &mut m.l3;
     if !parse_frame(data, l3).map_err(Verdict::Drop)? {
@@ -1253,7 +1288,6 @@ fn classify_in<'g>(
         return Err(Verdict::ToHost);
     }
     let upper = ip_at + usize::from(l3.upper);
-    // UDP source and destination ports (0, 0 for plain ESP).
     let mut ports = (0u16, 0u16);
     let (esp_at, esp_end) = match l3.proto {
         protocol::ESP => {
@@ -1286,18 +1320,52 @@ fn classify_in<'g>(
     };
     let e = esp::EspPacket::new_checked(&data[esp_at..esp_end])
         .map_err(|e| Verdict::Drop(wire_err(e)))?;
-    let spi = e.spi();
-    let Some(sa) = sas.get((spi, dst), || db.lookup_inbound(spi, dst.ip(), guard)) else {
-        db.report_unknown_spi(UnknownSpi {
-            at_ns: now_ns,
-            spi,
-            src: src.ip(),
-            dst: dst.ip(),
-            sport: ports.0,
-            dport: ports.1,
-        });
-        return Err(Verdict::Drop(DropReason::UnknownSpi));
-    };
+    Ok(InSpi {
+        spi: e.spi(),
+        src,
+        dst,
+        ports,
+        esp_at,
+        esp_end,
+        seq_low: e.sequence_number(),
+    })
+}
+
+/// Inbound, second pass: the SA by SPI (and destination); an unknown SPI is reported.
+#[inline(always)]
+fn lookup_in<'g>(
+    p: &InSpi,
+    db: &'g SaDb,
+    guard: &'g crossbeam_epoch::Guard,
+    sas: &mut SaCache<'g, (u32, FlowAddr)>,
+    now_ns: u64,
+) -> Result<&'g Sa, Verdict> {
+    let (spi, dst) = (p.spi, p.dst);
+    match sas.get((spi, dst), || db.lookup_inbound(spi, dst.ip(), guard)) {
+        Some(sa) => Ok(sa),
+        None => {
+            db.report_unknown_spi(UnknownSpi {
+                at_ns: now_ns,
+                spi,
+                src: p.src.ip(),
+                dst: dst.ip(),
+                sport: p.ports.0,
+                dport: p.ports.1,
+            });
+            Err(Verdict::Drop(DropReason::UnknownSpi))
+        }
+    }
+}
+
+/// Inbound, last pass before the crypto: limits, length, anti-replay, NAT mapping.
+#[inline(always)]
+fn check_in<'g>(
+    f: &Frame<'_>,
+    m: &mut Meta<'g>,
+    sa: &'g Sa,
+    p: &InSpi,
+    now_ns: u64,
+) -> Result<(), Verdict> {
     let drop = |r: DropReason| {
         sa.count_drop(r, 1);
         Verdict::Drop(r)
@@ -1307,11 +1375,12 @@ fn classify_in<'g>(
     {
         return Err(drop(DropReason::LifetimeExpired));
     }
+    let (esp_at, esp_end, src, ports) = (p.esp_at, p.esp_end, p.src, p.ports);
     let esp_len = esp_end - esp_at;
     if esp_len < esp::HEADER_LEN + sa.iv_len + esp::TRAILER_FIXED_LEN + sa.icv_len {
         return Err(drop(DropReason::BadLength));
     }
-    let seq = sa.replay.infer_seq(e.sequence_number(), sa.esn);
+    let seq = sa.replay.infer_seq(p.seq_low, sa.esn);
     if let Err(r) = sa.replay.check(seq) {
         return Err(drop(replay_reason(r)));
     }

@@ -167,6 +167,32 @@ pub trait SaCrypto: Send + Sync + core::fmt::Debug {
     /// Verifies the ICV (constant time) over header+IV+ciphertext (+ ESN high bits), and only if
     /// it verifies decrypts in place; status Ok, AuthFailed or BadLength.
     fn open(&self, ops: &mut [EspOp<'_>], ctx: &mut WorkerCtx);
+    /// Ask the CPU to start loading the key material an `open`/`seal` will read (a hint; no
+    /// effect on results). Workers call it for every SA of a burst before the crypto, so the
+    /// cache misses of many SAs overlap instead of coming one after the other.
+    fn prefetch(&self) {
+        prefetch_lines(std::ptr::from_ref(self).cast::<u8>(), size_of_val(self));
+    }
+}
+
+/// Hint the CPU to load the cache lines of `len` bytes from `p` (at most 1 KiB) into L1. Only a
+/// hint: it never faults, reads nothing architecturally, and changes no result.
+#[inline]
+pub fn prefetch_lines(p: *const u8, len: usize) {
+    #[cfg(target_arch = "x86_64")]
+    {
+        use std::arch::x86_64::{_MM_HINT_T0, _mm_prefetch};
+        let mut off = 0;
+        while off < len.min(1024) {
+            // SAFETY: PREFETCHT0 is a hint that cannot fault or change memory, whatever the
+            // address (Intel SDM, PREFETCHh); SSE, which it needs, is part of the x86_64
+            // baseline. `wrapping_add` keeps the address computation defined.
+            unsafe { _mm_prefetch::<_MM_HINT_T0>(p.wrapping_add(off).cast::<i8>()) };
+            off += 64;
+        }
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = (p, len);
 }
 
 /// A crypto backend: builds [`SaCrypto`] objects.
