@@ -584,6 +584,31 @@ impl<'g> OutCache<'g> {
     }
 }
 
+/// Which other line of a frame [`prefetch_heads`] asks for.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum AlsoLine {
+    /// The line in front of the frame, where outbound headers are pushed.
+    Headroom,
+    /// The frame's last line: an inbound packet's ICV, read before the decryption.
+    Tail,
+}
+
+/// Hint the CPU to load each frame's first cache line (the headers) and one more line of it,
+/// for the whole chunk at once, so that the misses of different frames overlap instead of
+/// stalling each packet in turn. Only a hint: see [`espgw_crypto::prefetch_lines`].
+#[inline]
+fn prefetch_heads(frames: &[Frame<'_>], also: AlsoLine) {
+    for f in frames {
+        let start = f.buf.as_ptr().wrapping_add(f.start);
+        espgw_crypto::prefetch_lines(start, 1);
+        let other = match also {
+            AlsoLine::Headroom => start.wrapping_sub(32),
+            AlsoLine::Tail => start.wrapping_add(f.len.saturating_sub(1)),
+        };
+        espgw_crypto::prefetch_lines(other, 1);
+    }
+}
+
 /// The last SA of a chunk (outbound by handle, inbound by SPI and destination).
 struct SaCache<'g, K> {
     key: Option<K>,
@@ -738,11 +763,10 @@ impl Pipeline {
         let mut memo = None;
         let mut tpls: ArrayVec<OuterTemplate, MAX_BURST> = ArrayVec::new();
         // The outer headers go into the cache line in front of each frame, which nothing has
-        // touched yet (a NIC writes from the frame start): read it now, for the whole chunk, so
-        // the lines arrive while the frames are classified.
-        for f in frames.iter() {
-            std::hint::black_box(f.buf.get(f.start.saturating_sub(32)).copied());
-        }
+        // touched yet (a NIC writes from the frame start), and classifying starts with the
+        // frame's first line: ask for both lines of every frame of the chunk now, so that the
+        // misses overlap instead of stalling each packet in turn.
+        prefetch_heads(frames, AlsoLine::Headroom);
         for f in frames.iter_mut() {
             metas.push(Meta::EMPTY);
             let Some(m) = metas.last_mut() else { break };
@@ -864,6 +888,7 @@ impl Pipeline {
         let sink = db.event_sink();
         let mut metas: ArrayVec<Meta<'_>, MAX_BURST> = ArrayVec::new();
 
+        prefetch_heads(frames, AlsoLine::Tail);
         // 1. classify and look up, in passes over the burst, so that with many SAs the cache
         //    misses of different packets overlap instead of forming one chain per packet:
         //    (a) headers up to the SPI; (b) the SA lookups, back to back; (c) prefetch each new
