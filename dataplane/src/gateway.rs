@@ -401,7 +401,7 @@ pub fn run(
     });
 
     let ring_thread = match applier {
-        Some(a) => Some(start_ring_thread(a, &shared, &file)?),
+        Some(a) => Some(start_ring_thread(a, &shared, &file, &rc)?),
         None => None,
     };
     let result = run_workers(&shared, &rc, &wan_if, &lan_if, &file);
@@ -620,20 +620,37 @@ fn log_event(e: &crate::sa::Event) {
 // there are commands and sleeps 1 ms when there are none (install latency ≤ ~1 ms, negligible
 // CPU when idle). It also takes the SA database's lifetime events (sending them to the control
 // process and logging them), so the main loop stops draining them.
+//
+// It runs at `ring_nice` (default 19) and, with `ring_core`, on that core: on a machine with a
+// housekeeping core, pin it there; without one it shares the workers' CPUs, and the nice value
+// makes the scheduler give forwarding precedence, so a burst of installs (a rekey storm, a
+// control process re-pushing a million SAs) slows down instead of dropping traffic.
 
 fn start_ring_thread(
     mut applier: Applier,
     shared: &Arc<Shared>,
     file: &Path,
+    rc: &config::RunConfig,
 ) -> Result<std::thread::JoinHandle<()>, RunError> {
     if let Some(seg) = applier.segment() {
         tracing::info!(path = %seg.path().display(), "SA ring ready");
     }
     applier.set_event_hook(Box::new(log_event));
     let shared = Arc::clone(shared);
+    let (nice, core) = (rc.ring_nice, rc.ring_core);
     std::thread::Builder::new()
         .name("espgw-ring".into())
         .spawn(move || {
+            if let Some(core) = core
+                && !core_affinity::set_for_current(core_affinity::CoreId { id: core })
+            {
+                tracing::warn!(core, "could not pin the SA ring thread to its core");
+            }
+            // On Linux a thread id names the thread alone for setpriority.
+            let me = rustix::thread::gettid();
+            if let Err(e) = rustix::process::setpriority_process(Some(me), nice) {
+                tracing::warn!(nice, "could not set the SA ring thread's nice value: {e}");
+            }
             while !shared.stop.load(Ordering::Relaxed) {
                 if applier.poll(now_ns()) == 0 {
                     std::thread::sleep(Duration::from_millis(1));

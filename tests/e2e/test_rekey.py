@@ -160,6 +160,20 @@ class RingCtl:
         self.err.t.join(5)
 
 
+def ring_thread_nice(pid: int) -> int | None:
+    """The nice value of the process's "espgw-ring" thread (None: no such thread)."""
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        try:
+            stat = (task / "stat").read_text()
+        except OSError:
+            continue
+        comm = stat[stat.index("(") + 1:stat.rindex(")")]
+        if comm == "espgw-ring":
+            # Fields after the command: state is field 3, nice field 19 (proc(5)).
+            return int(stat[stat.rindex(")") + 2:].split()[16])
+    return None
+
+
 class TestRekey(tg.GatewayTestCase):
     @classmethod
     def setUpClass(cls) -> None:
@@ -243,6 +257,10 @@ class TestRekey(tg.GatewayTestCase):
                 problems.append(f"{name}: sent {sent}, {got['unique']} arrived, first missing "
                                 f"{got['missing'][:20]}")
         for side, gw in (("A", gw_a), ("B", gw_b)):
+            nice = ring_thread_nice(gw.p.pid)
+            if nice != 19:
+                problems.append(f"gateway {side}: the espgw-ring thread runs at nice {nice}, "
+                                "not at the default ring_nice 19")
             st = gw.stats()
             errors = tg.dig(st, "totals", "drops", "errors", default={}) or {}
             bad = {k: v for k, v in errors.items() if k in BAD_DROPS}
