@@ -624,7 +624,12 @@ fn tunnel(t: TunnelArgs, opts: ClientOptions) -> Result<(), String> {
                     break;
                 }
             }
-            next_rekey = every.map(|e| Instant::now() + e);
+            // A fixed cadence (a rekey every N s, not N s after the last one ended), unless
+            // the rekey took longer than the period: then the next one is a period from now.
+            next_rekey = match (next_rekey, every) {
+                (Some(due), Some(e)) if due + e > Instant::now() => Some(due + e),
+                _ => every.map(|e| Instant::now() + e),
+            };
         }
         if t.watch && now >= next_counters && down == [false, false] {
             // Keeps the last sequence numbers fresh for a re-push after a restart.
