@@ -103,7 +103,6 @@ pub type EventHook = Box<dyn FnMut(&Event) + Send>;
 struct InstalledSa {
     id: SaId,
     name: String,
-    direction: record::Direction,
     fingerprint: u64,
 }
 
@@ -116,6 +115,9 @@ struct State {
     by_spi: FastMap<(record::Direction, u32), Vec<u64>>,
     by_id: FastMap<SaId, SaRef>,
     policies: BTreeMap<u32, PolicySpec>,
+    /// How many of `policies` protect with each SA name (so that adding or deleting an SA does
+    /// not scan every policy).
+    protecting: FastMap<String, u32>,
     /// The SPD's policies when the applier started (the configuration file's).
     base: Spd,
     /// The SAs installed when the applier started (the configuration file's), by name.
@@ -194,6 +196,7 @@ impl Applier {
                 by_spi: FastMap::default(),
                 by_id: FastMap::default(),
                 policies: BTreeMap::new(),
+                protecting: FastMap::default(),
                 base,
                 file_sas,
                 hasher: std::collections::hash_map::RandomState::new(),
@@ -424,7 +427,7 @@ impl State {
                     .get(policy_id)
                     .is_some_and(|p| p.generation == *generation)
                 {
-                    self.policies.remove(policy_id);
+                    self.remove_policy(*policy_id);
                     self.rebuild_spd();
                 }
                 Ok(())
@@ -563,7 +566,6 @@ impl State {
             InstalledSa {
                 id,
                 name: spec.name.clone(),
-                direction: r.direction,
                 fingerprint: fp,
             },
         );
@@ -616,9 +618,31 @@ impl State {
     }
 
     fn protects_with(&self, name: &str) -> bool {
-        self.policies
-            .values()
-            .any(|p| matches!(&p.action, PolicyAction::Protect { sa_name } if sa_name == name))
+        self.protecting.get(name).is_some_and(|n| *n > 0)
+    }
+
+    /// Adds or replaces a policy, keeping `protecting` in step.
+    fn insert_policy(&mut self, p: PolicySpec) {
+        self.remove_policy(p.policy_id);
+        if let PolicyAction::Protect { sa_name } = &p.action {
+            *self.protecting.entry(sa_name.clone()).or_default() += 1;
+        }
+        self.policies.insert(p.policy_id, p);
+    }
+
+    /// Removes a policy (absent: nothing to do), keeping `protecting` in step.
+    fn remove_policy(&mut self, policy_id: u32) {
+        if let Some(PolicySpec {
+            action: PolicyAction::Protect { sa_name },
+            ..
+        }) = self.policies.remove(&policy_id)
+            && let Some(n) = self.protecting.get_mut(&sa_name)
+        {
+            *n -= 1;
+            if *n == 0 {
+                self.protecting.remove(&sa_name);
+            }
+        }
     }
 
     /// Removes an SA installed through the ring (absent: nothing to do).
@@ -670,11 +694,13 @@ impl State {
             ));
         }
         if let PolicyAction::Protect { sa_name } = &p.action {
-            let out = self
-                .sas
-                .values()
-                .any(|s| s.name == *sa_name && s.direction == record::Direction::Out)
-                || matches!(self.file_sas.get(sa_name), Some((_, Direction::Out)));
+            // Names are unique in the SA database: find the SA by name, then see whether it is
+            // an outbound SA of the ring's or of the configuration file's.
+            let out = self.db.id_by_name(sa_name).is_some_and(|id| {
+                self.by_id
+                    .get(&id)
+                    .is_some_and(|r| r.direction == record::Direction::Out)
+            }) || matches!(self.file_sas.get(sa_name), Some((_, Direction::Out)));
             if !out {
                 return Err(format!(
                     "policy {}: no outbound SA named {sa_name:?} is installed; add the SA first",
@@ -682,14 +708,22 @@ impl State {
                 ));
             }
         }
-        self.policies.insert(p.policy_id, p.clone());
+        self.insert_policy(p.clone());
         self.rebuild_spd();
         Ok(())
     }
 
     fn flush(&mut self, older_than: u64) {
         let before = self.policies.len();
-        self.policies.retain(|_, p| p.generation >= older_than);
+        let stale: Vec<u32> = self
+            .policies
+            .values()
+            .filter(|p| p.generation < older_than)
+            .map(|p| p.policy_id)
+            .collect();
+        for id in stale {
+            self.remove_policy(id);
+        }
         let old: Vec<SaRef> = self
             .sas
             .keys()
