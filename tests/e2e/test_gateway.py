@@ -276,6 +276,22 @@ class LineReader:
     def text(self) -> str:
         return "".join(self.lines)
 
+    def next_line(self, deadline: float, p: subprocess.Popen, what: str,
+                  stderr: "LineReader") -> str:
+        """The next line, read before `deadline` (a `time.monotonic()` value). Fails the test,
+        naming `what` and showing the end of `stderr`, when none comes in time or `p` ends
+        first."""
+        try:
+            line = self.q.get(timeout=max(0.0, deadline - time.monotonic()))
+        except queue.Empty:
+            raise AssertionError(f"{what}: nothing came in time\n"
+                                 f"stderr:\n{stderr.text()[-3000:]}") from None
+        if line is None:
+            p.wait(10)
+            raise AssertionError(f"{what}: the process exited ({p.returncode}) first\n"
+                                 f"stderr:\n{stderr.text()[-3000:]}")
+        return line
+
 
 class Agent:
     """tests/e2e/nsagent.py running in a namespace (optionally pinned to one CPU)."""
@@ -296,15 +312,9 @@ class Agent:
             self.p.stdin.close()
 
     def _next(self, timeout: float) -> dict:
-        try:
-            line = self.out.q.get(timeout=timeout)
-        except queue.Empty:
-            raise AssertionError(f"agent gave no answer within {timeout} s: {' '.join(self.cmd)}"
-                                 f"\nstderr: {self.err.text()[-2000:]}") from None
-        if line is None:
-            self.p.wait(5)
-            raise AssertionError(f"agent exited ({self.p.returncode}) without an answer: "
-                                 f"{' '.join(self.cmd)}\nstderr: {self.err.text()[-2000:]}")
+        line = self.out.next_line(time.monotonic() + timeout, self.p,
+                                  f"agent's answer within {timeout} s ({' '.join(self.cmd)})",
+                                  self.err)
         return json.loads(line)
 
     def ready(self, timeout: float = 20) -> "Agent":
@@ -426,15 +436,8 @@ class Gateway:
         self.err = LineReader(self.p.stderr)
         deadline = time.monotonic() + timeout
         while True:
-            try:
-                line = self.err.q.get(timeout=max(0.0, deadline - time.monotonic()))
-            except queue.Empty:
-                raise AssertionError(f"gateway not ready within {timeout} s: {self.cmd}\n"
-                                     f"stderr:\n{self.err.text()[-4000:]}") from None
-            if line is None:
-                self.p.wait(10)
-                raise AssertionError(f"gateway exited ({self.p.returncode}) before it was "
-                                     f"ready: {self.cmd}\nstderr:\n{self.err.text()[-4000:]}")
+            line = self.err.next_line(deadline, self.p,
+                                      f"gateway ready within {timeout} s ({self.cmd})", self.err)
             if self.READY in line:
                 return
 

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import json
 import os
-import queue
 import signal
 import subprocess
 import sys
@@ -125,16 +124,9 @@ class RingCtl:
     def wait_for(self, key: str, timeout: float) -> dict:
         deadline = time.monotonic() + timeout
         while True:
-            try:
-                line = self.out.q.get(timeout=max(0.0, deadline - time.monotonic()))
-            except queue.Empty:
-                raise AssertionError(f"no {key!r} from {' '.join(self.cmd)} within {timeout} s"
-                                     f"\nstderr: {self.err.text()[-3000:]}") from None
-            if line is None:
-                self.p.wait(5)
-                raise AssertionError(f"{' '.join(self.cmd)} exited ({self.p.returncode}) "
-                                     f"before {key!r}\nstdout: {self.out.text()[-3000:]}"
-                                     f"\nstderr: {self.err.text()[-3000:]}")
+            line = self.out.next_line(deadline, self.p,
+                                      f"{key!r} from {' '.join(self.cmd)} within {timeout} s",
+                                      self.err)
             try:
                 rec = json.loads(line)
             except json.JSONDecodeError:
