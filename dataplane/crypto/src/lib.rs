@@ -175,20 +175,23 @@ pub trait SaCrypto: Send + Sync + core::fmt::Debug {
     }
 }
 
-/// Hint the CPU to load the cache lines of `len` bytes from `p` (at most 1 KiB) into L1. Only a
-/// hint: it never faults, reads nothing architecturally, and changes no result.
+/// Hint the CPU to load every cache line that holds one of the `len` bytes from `p` (at most
+/// 1 KiB of them) into L1. Only a hint: it never faults, reads nothing architecturally, and
+/// changes no result.
 #[inline]
 pub fn prefetch_lines(p: *const u8, len: usize) {
     #[cfg(target_arch = "x86_64")]
     {
         use std::arch::x86_64::{_MM_HINT_T0, _mm_prefetch};
-        let mut off = 0;
-        while off < len.min(1024) {
+        // Every line from the first byte's to the last byte's: a range that starts in the
+        // middle of a line can touch one line more than `len / 64` rounded up.
+        let skew = p as usize & 63;
+        let line0 = p.wrapping_sub(skew);
+        for i in 0..(skew + len.min(1024)).div_ceil(64) {
             // SAFETY: PREFETCHT0 is a hint that cannot fault or change memory, whatever the
             // address (Intel SDM, PREFETCHh); SSE, which it needs, is part of the x86_64
             // baseline. `wrapping_add` keeps the address computation defined.
-            unsafe { _mm_prefetch::<_MM_HINT_T0>(p.wrapping_add(off).cast::<i8>()) };
-            off += 64;
+            unsafe { _mm_prefetch::<_MM_HINT_T0>(line0.wrapping_add(i * 64).cast::<i8>()) };
         }
     }
     #[cfg(not(target_arch = "x86_64"))]
