@@ -938,11 +938,10 @@ fn static_sizes() -> Value {
     json!({
         "Sa": std::mem::size_of::<Sa>(),
         "Sa_align": std::mem::align_of::<Sa>(),
-        "CachePadded<SaCounters>": std::mem::size_of::<crossbeam_utils::CachePadded<SaCounters>>(),
+        "apart_padding": 2 * espgw_dataplane::sa::APART,
         "SaCounters": std::mem::size_of::<SaCounters>(),
         "drop_array": std::mem::size_of::<espgw_dataplane::counters::DropReasonArray>(),
         "drop_reasons": DropReason::COUNT,
-        "CachePadded<AtomicU64> (seq)": std::mem::size_of::<crossbeam_utils::CachePadded<std::sync::atomic::AtomicU64>>(),
         "ReplayWindow (inline)": std::mem::size_of::<ReplayWindow>(),
         "Selector": std::mem::size_of::<Selector>(),
         "Box<dyn SaCrypto>": std::mem::size_of::<Box<dyn SaCrypto>>(),
@@ -1804,11 +1803,11 @@ fn print_memory_breakdown(m: &Value) {
         None => (Value::Null, Value::Null),
     };
     let rows = [
-        ("`Sa` inline (Box, align 128)", g(s, "Sa"), g(s, "Sa")),
+        ("`Sa` inline (Box, align 16)", g(s, "Sa"), g(s, "Sa")),
         (
-            "  of which counters (`CachePadded<SaCounters>`)",
-            g(s, "CachePadded<SaCounters>"),
-            g(s, "CachePadded<SaCounters>"),
+            "  of which counters (`SaCounters`)",
+            g(s, "SaCounters"),
+            g(s, "SaCounters"),
         ),
         (
             "    of which the drop-reason array",
@@ -1816,9 +1815,9 @@ fn print_memory_breakdown(m: &Value) {
             g(s, "drop_array"),
         ),
         (
-            "  of which the sequence counter (`CachePadded<AtomicU64>`)",
-            g(s, "CachePadded<AtomicU64> (seq)"),
-            g(s, "CachePadded<AtomicU64> (seq)"),
+            "  of which padding around the sequence counter and the counters",
+            g(s, "apart_padding"),
+            g(s, "apart_padding"),
         ),
         (
             "crypto context (heap, `size_of_val`)",
