@@ -54,7 +54,7 @@ use crate::policy::{self, Action, Policy, Prefix, Spd};
 use crate::sa::{
     self, DfMode, Direction, DscpMode, EcnMode, Event, EventKind, Lifetime, Mode, SaId, SaParams,
 };
-use crate::sadb::SaDb;
+use crate::sadb::{Few, SaDb};
 use espgw_crypto::{AeadAlg, CipherAlg, CryptoProvider, SaKeys, Transform};
 use espgw_ring::record;
 use espgw_ring::{
@@ -112,7 +112,7 @@ struct State {
     provider: Arc<dyn CryptoProvider>,
     sas: FastMap<SaRef, InstalledSa>,
     /// Generations installed per (direction, SPI), for adoption.
-    by_spi: FastMap<(record::Direction, u32), Vec<u64>>,
+    by_spi: FastMap<(record::Direction, u32), Few<u64>>,
     by_id: FastMap<SaId, SaRef>,
     policies: BTreeMap<u32, PolicySpec>,
     /// How many of `policies` protect with each SA name (so that adding or deleting an SA does
@@ -256,12 +256,11 @@ impl Applier {
                 }
             };
             let seq = pending.seq();
-            let replies = match pending.record() {
-                Ok(rec) => self.state.apply(rec, seq, now_ns),
-                Err(e) => vec![Record::rejected(seq, e)],
-            };
+            match pending.record() {
+                Ok(rec) => self.state.apply(rec, seq, now_ns, &mut self.outbox),
+                Err(e) => self.outbox.push_back(Record::rejected(seq, e)),
+            }
             pending.commit();
-            self.outbox.extend(replies);
             handled += 1;
         }
         self.flush_outbox();
@@ -407,9 +406,9 @@ fn open(path: &Path, params: RingParams) -> Result<Ends, ApplierError> {
 }
 
 impl State {
-    /// Applies one command; returns the replies, the last being `Applied` or `Rejected`.
-    fn apply(&mut self, rec: &Record, seq: u64, now_ns: u64) -> Vec<Record> {
-        let mut out = Vec::new();
+    /// Applies one command; queues the replies in `out`, the last being `Applied` or
+    /// `Rejected`.
+    fn apply(&mut self, rec: &Record, seq: u64, now_ns: u64, out: &mut VecDeque<Record>) {
         let result = match rec {
             Record::AddSa(spec) => self.add_sa(spec, now_ns),
             Record::UpdateSa(u) => self.update_sa(u, now_ns),
@@ -436,7 +435,7 @@ impl State {
                 self.flush(*older_than);
                 Ok(())
             }
-            Record::QueryCounters { sa } => self.counters(sa.as_ref(), &mut out),
+            Record::QueryCounters { sa } => self.counters(sa.as_ref(), out),
             Record::Resync { generation } => {
                 tracing::info!(generation, "SA ring: resync begins");
                 Ok(())
@@ -446,11 +445,10 @@ impl State {
                 other.kind()
             )),
         };
-        out.push(match result {
+        out.push_back(match result {
             Ok(()) => Record::Applied { seq },
             Err(reason) => Record::rejected(seq, reason),
         });
-        out
     }
 
     /// A keyed hash of the SA's identity: everything but the generation, the initial sequence
@@ -769,7 +767,7 @@ impl State {
         self.db.set_spd(spd);
     }
 
-    fn counters(&self, sa: Option<&SaRef>, out: &mut Vec<Record>) -> Result<(), String> {
+    fn counters(&self, sa: Option<&SaRef>, out: &mut VecDeque<Record>) -> Result<(), String> {
         let guard = crossbeam_epoch::pin();
         let one = |r: &SaRef, id: SaId| -> Option<Record> {
             let s = self.db.get(id, &guard)?;
@@ -794,7 +792,7 @@ impl State {
             Some(r) => {
                 let reply = self.sas.get(r).and_then(|s| one(r, s.id));
                 match reply {
-                    Some(rec) => out.push(rec),
+                    Some(rec) => out.push_back(rec),
                     None => return Err(format!("no such SA: {}", sa_words(r))),
                 }
             }
@@ -951,7 +949,10 @@ pub fn sa_params(s: &SaSpec) -> Result<SaParams, String> {
     let mut enc = Zeroizing::new(Vec::with_capacity(s.enc_key.len() + s.salt.len()));
     enc.extend_from_slice(s.enc_key.as_bytes());
     enc.extend_from_slice(s.salt.as_bytes());
-    let keys = SaKeys::new(&enc, s.integ_key.as_bytes());
+    let keys = SaKeys {
+        enc,
+        integ: Zeroizing::new(s.integ_key.as_bytes().to_vec()),
+    };
     Ok(SaParams {
         name: s.name.clone(),
         direction: match s.direction {

@@ -128,6 +128,63 @@ impl SpiIndex {
     }
 }
 
+/// A short list that keeps its first element inline. Most keys of the per-SPI maps have one
+/// entry (SPIs are chosen unique; two during a rekey that reuses one), and a `Vec` would cost a
+/// heap allocation per SA installed.
+#[derive(Debug, Clone)]
+pub(crate) struct Few<T> {
+    first: Option<T>,
+    rest: Vec<T>,
+}
+
+impl<T> Default for Few<T> {
+    fn default() -> Self {
+        Few {
+            first: None,
+            rest: Vec::new(),
+        }
+    }
+}
+
+impl<T: Copy + PartialEq> Few<T> {
+    pub(crate) fn push(&mut self, v: T) {
+        if self.first.is_none() {
+            self.first = Some(v);
+        } else {
+            self.rest.push(v);
+        }
+    }
+
+    pub(crate) fn iter(&self) -> impl Iterator<Item = &T> {
+        self.first.iter().chain(self.rest.iter())
+    }
+
+    pub(crate) fn iter_mut(&mut self) -> impl Iterator<Item = &mut T> {
+        self.first.iter_mut().chain(self.rest.iter_mut())
+    }
+
+    /// Keeps the elements `keep` says yes to, in order.
+    pub(crate) fn retain(&mut self, mut keep: impl FnMut(&T) -> bool) {
+        self.first = self.first.filter(|v| keep(v));
+        self.rest.retain(|v| keep(v));
+        if self.first.is_none() && !self.rest.is_empty() {
+            self.first = Some(self.rest.remove(0));
+        }
+    }
+
+    pub(crate) fn len(&self) -> usize {
+        usize::from(self.first.is_some()) + self.rest.len()
+    }
+
+    pub(crate) fn is_empty(&self) -> bool {
+        self.first.is_none()
+    }
+
+    pub(crate) fn first(&self) -> Option<T> {
+        self.first
+    }
+}
+
 struct Writer {
     /// Free slots (a stack).
     free: Vec<u32>,
@@ -135,7 +192,7 @@ struct Writer {
     generations: Vec<u32>,
     names: HashMap<String, SaId, foldhash::fast::RandomState>,
     /// Inbound SAs per SPI, to detect duplicates and SPI sharing.
-    inbound_by_spi: HashMap<u32, Vec<SaId>, foldhash::fast::RandomState>,
+    inbound_by_spi: HashMap<u32, Few<SaId>, foldhash::fast::RandomState>,
     installed: usize,
     tombstones: usize,
     index_capacity: usize,
@@ -295,7 +352,7 @@ impl SaDb {
         if params.direction == Direction::In
             && let Some(ids) = w.inbound_by_spi.get(&params.spi)
         {
-            for id in ids {
+            for id in ids.iter() {
                 if let Some(other) = self.get(*id, &guard) {
                     if other.local == params.local {
                         return Err(SadbError::DuplicateSpi {
@@ -361,11 +418,11 @@ impl SaDb {
             }
             if let Some(ids) = w.inbound_by_spi.get_mut(&sa.spi) {
                 ids.retain(|x| *x != id);
-                if ids.len() == 1 {
-                    let last = ids[0];
-                    if let Some(other) = self.get(last, &guard) {
-                        other.shared_spi.store(false, Ordering::Release);
-                    }
+                if ids.len() == 1
+                    && let Some(last) = ids.first()
+                    && let Some(other) = self.get(last, &guard)
+                {
+                    other.shared_spi.store(false, Ordering::Release);
                 }
                 if ids.is_empty() {
                     w.inbound_by_spi.remove(&sa.spi);
@@ -390,7 +447,7 @@ impl SaDb {
     fn rebuild_index(&self, w: &mut Writer, guard: &Guard) {
         let fresh = SpiIndex::with_capacity(w.index_capacity);
         for ids in w.inbound_by_spi.values() {
-            for id in ids {
+            for id in ids.iter() {
                 if let Some(sa) = self.get(*id, guard) {
                     fresh.insert(sa.spi, id.slot());
                 }
@@ -531,6 +588,43 @@ mod tests {
     use espgw_crypto::{AeadAlg, SaKeys, SoftwareProvider, Transform};
     use std::sync::Arc;
     use std::sync::atomic::AtomicBool;
+
+    /// `Few` behaves as a `Vec`: same elements, same order, through pushes and removals.
+    #[test]
+    fn few_is_a_list() {
+        let mut few = Few::default();
+        let mut model = Vec::new();
+        assert!(few.is_empty());
+        // Remove the first, a middle one, the last, everything; push in between.
+        let steps: [&[u32]; 5] = [&[1, 2, 3, 4], &[1], &[5, 6], &[3, 6], &[2, 4, 5]];
+        for (i, step) in steps.iter().enumerate() {
+            if i % 2 == 0 {
+                for v in *step {
+                    few.push(*v);
+                    model.push(*v);
+                }
+            } else {
+                few.retain(|v| !step.contains(v));
+                model.retain(|v| !step.contains(v));
+            }
+            assert_eq!(few.iter().copied().collect::<Vec<_>>(), model, "step {i}");
+            assert_eq!(few.len(), model.len());
+            assert_eq!(few.first(), model.first().copied());
+            assert_eq!(few.is_empty(), model.is_empty());
+        }
+        few.retain(|_| false);
+        assert!(few.is_empty());
+        assert_eq!(few.first(), None);
+        for x in few.iter_mut() {
+            *x += 1;
+        }
+        few.push(7);
+        few.push(8);
+        for x in few.iter_mut() {
+            *x += 1;
+        }
+        assert_eq!(few.iter().copied().collect::<Vec<_>>(), [8, 9]);
+    }
 
     fn params(name: &str, direction: Direction, spi: u32, local: &str) -> SaParams {
         SaParams {
