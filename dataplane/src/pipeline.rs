@@ -598,6 +598,10 @@ enum AlsoLine {
 /// of the 14-byte Ethernet header. (IPv6 outer headers with a CBC IV reach a few bytes further.)
 const PUSHED: usize = OuterTemplate::SHORT + esp::HEADER_LEN + 16 - ethernet::HEADER_LEN;
 
+/// What encapsulation writes behind a frame before encrypting it: padding (one 16-byte block)
+/// plus the pad length and next-header bytes.
+const TRAILER_MAX: usize = 16 + 2;
+
 /// Hint the CPU to load each frame's first cache line (the headers) and the other lines the
 /// stage will touch first, for the whole chunk at once, so that the misses of different frames
 /// overlap instead of stalling each packet in turn. Only a hint: see
@@ -607,9 +611,11 @@ fn prefetch_heads(frames: &[Frame<'_>], also: AlsoLine) {
     for f in frames {
         let start = f.buf.as_ptr().wrapping_add(f.start);
         match also {
-            // The headroom lines and the first line of the frame itself.
+            // The headroom lines and the first line of the frame itself, and the line(s) after
+            // the frame where the ESP trailer goes before the encryption.
             AlsoLine::Headroom => {
                 espgw_crypto::prefetch_lines(start.wrapping_sub(PUSHED), PUSHED + 1);
+                espgw_crypto::prefetch_lines(start.wrapping_add(f.len), TRAILER_MAX);
             }
             AlsoLine::Tail => {
                 espgw_crypto::prefetch_lines(start, 1);
