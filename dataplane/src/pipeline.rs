@@ -598,6 +598,9 @@ enum AlsoLine {
 /// of the 14-byte Ethernet header. (IPv6 outer headers with a CBC IV reach a few bytes further.)
 const PUSHED: usize = OuterTemplate::SHORT + esp::HEADER_LEN + 16 - ethernet::HEADER_LEN;
 
+/// Inbound frames up to this long are prefetched whole (at most five lines).
+const SMALL_FRAME: usize = 256;
+
 /// What encapsulation writes behind a frame before encrypting it: padding (one 16-byte block)
 /// plus the pad length and next-header bytes.
 const TRAILER_MAX: usize = 16 + 2;
@@ -617,6 +620,10 @@ fn prefetch_heads(frames: &[Frame<'_>], also: AlsoLine) {
                 espgw_crypto::prefetch_lines(start.wrapping_sub(PUSHED), PUSHED + 1);
                 espgw_crypto::prefetch_lines(start.wrapping_add(f.len), TRAILER_MAX);
             }
+            // A small frame whole (the decryption reads every line of it, too few for the
+            // hardware prefetcher to notice the stream); a large one's first line and last
+            // line (the ICV), the decryption streaming through the rest.
+            AlsoLine::Tail if f.len <= SMALL_FRAME => espgw_crypto::prefetch_lines(start, f.len),
             AlsoLine::Tail => {
                 espgw_crypto::prefetch_lines(start, 1);
                 espgw_crypto::prefetch_lines(start.wrapping_add(f.len.saturating_sub(1)), 1);
