@@ -19,6 +19,13 @@
 //! memory rather than cache (think: packets DMA'd into UMEM); `ESPGW_BENCH_BATCH=4` uses
 //! `BatchSize::NumIterations(4)` instead, which keeps the bursts in L2 and shows the CPU cost.
 //!
+//! After criterion, when the headline cases ran, an **interleaved check** times raw and ESP for
+//! aes128gcm16 at the target sizes back to back over fresh inputs of 32 MiB a side (built in
+//! alternation, so both are equally cold), 15 times per case in alternating order, and reports
+//! the median of the per-repetition ratios with their range. Criterion measures the two sides
+//! of a ratio seconds apart, in which time these VMs can change speed; here they are
+//! milliseconds apart.
+//!
 //! The custom `main` runs criterion, then reads criterion's estimates of this run
 //! (`<criterion dir>/<group>/<function>/new/estimates.json`, only files written by this process)
 //! and prints ESP next to raw with the ratio, plus a cross-CPU ping-pong time: these VMs swing
@@ -643,7 +650,7 @@ fn mpps(ns: f64) -> f64 {
     BURST as f64 * 1e3 / ns
 }
 
-fn summarize(since: SystemTime, pp: (f64, f64)) {
+fn summarize(since: SystemTime, pp: (f64, f64), paired: &[Paired]) {
     let dir = criterion_dir();
     let mut rows = Vec::new();
     for &size in &SIZES {
@@ -717,7 +724,54 @@ fn summarize(since: SystemTime, pp: (f64, f64)) {
             r.verdict(),
         );
     }
+    if !paired.is_empty() {
+        let _ = writeln!(
+            out,
+            "\ninterleaved, {HEADLINE} ({PAIRED_REPS} repetitions, each times raw and ESP over fresh inputs of {} MiB a side back to back; ratio = raw time ÷ ESP time)",
+            PAIRED_BYTES >> 20
+        );
+        let _ = writeln!(
+            out,
+            "{:>5} {:<5} {:>12} {:>12} {:>7} {:>15}  target",
+            "size", "dir", "ESP ns/pkt", "raw ns/pkt", "ratio", "ratio range"
+        );
+        for p in paired {
+            let (lo, hi) = p
+                .ratios
+                .iter()
+                .fold((f64::MAX, f64::MIN), |(a, b), r| (a.min(*r), b.max(*r)));
+            let target = TARGETS.iter().find(|(s, _)| *s == p.size).map(|t| t.1);
+            let ratio = median(&p.ratios);
+            let _ = writeln!(
+                out,
+                "{:>5} {:<5} {:>12.1} {:>12.1} {:>7.3} {:>7.3}–{:<7.3}  {}",
+                p.size,
+                p.dir,
+                median(&p.esp_ns_per_pkt),
+                median(&p.raw_ns_per_pkt),
+                ratio,
+                lo,
+                hi,
+                match target {
+                    Some(t) if ratio >= t => "PASS",
+                    Some(_) => "BELOW-TARGET",
+                    None => "",
+                }
+            );
+        }
+    }
     print!("{out}");
+    let paired_json: Vec<serde_json::Value> = paired
+        .iter()
+        .map(|p| {
+            serde_json::json!({
+                "transform": HEADLINE, "size": p.size, "dir": p.dir,
+                "ratio_median": median(&p.ratios), "ratios": p.ratios,
+                "esp_ns_per_pkt_median": median(&p.esp_ns_per_pkt),
+                "raw_ns_per_pkt_median": median(&p.raw_ns_per_pkt),
+            })
+        })
+        .collect();
     let json: Vec<serde_json::Value> = rows
         .iter()
         .map(|r| {
@@ -736,12 +790,125 @@ fn summarize(since: SystemTime, pp: (f64, f64)) {
         "burst": BURST,
         "ping_pong_ns": [pp.0, pp.1],
         "rows": json,
+        "paired": paired_json,
     });
     let path = dir.join("espgw-summary.json");
     match std::fs::write(&path, summary.to_string()) {
         Ok(()) => println!("(also written to {})", path.display()),
         Err(e) => println!("(could not write {}: {e})", path.display()),
     }
+}
+
+/// Bytes of buffers each side of an interleaved repetition uses: far more than the caches, so
+/// that every burst comes from memory, as with criterion's `SmallInput` batches.
+const PAIRED_BYTES: usize = 32 << 20;
+/// Interleaved repetitions per case.
+const PAIRED_REPS: usize = 15;
+
+/// One interleaved case: the ratio (raw time ÷ ESP time) of each repetition.
+#[derive(Debug)]
+struct Paired {
+    size: usize,
+    dir: &'static str,
+    ratios: Vec<f64>,
+    esp_ns_per_pkt: Vec<f64>,
+    raw_ns_per_pkt: Vec<f64>,
+}
+
+fn median(v: &[f64]) -> f64 {
+    let mut s = v.to_vec();
+    s.sort_by(f64::total_cmp);
+    s[s.len() / 2]
+}
+
+/// Interleaved measurement of the headline transform at the target sizes: each repetition
+/// builds fresh inputs for both sides (untimed), then times a run of raw bursts and a run of ESP
+/// bursts over them back to back, in alternating order. Both sides of a ratio are measured
+/// within milliseconds of each other, so a VM that changes speed between criterion's cases
+/// (seconds apart) does not move it.
+fn paired_ratios() -> Vec<Paired> {
+    let Some(t) = TRANSFORMS.iter().find(|t| t.name == HEADLINE) else {
+        return Vec::new();
+    };
+    let mut out = pipeline(&config_out(t), "paired-out.toml");
+    let mut inb = pipeline(&config_in(t), "paired-in.toml");
+    let key = raw_key(t.raw);
+    let mut seq = 1u64;
+    let mut results = Vec::new();
+    for (size, _) in TARGETS {
+        let plain = plain_frame(size);
+        let inner = plain[ethernet::HEADER_LEN..].to_vec();
+        let stride = stride_for(plain.len());
+        let bursts = (PAIRED_BYTES / (stride * BURST)).max(8);
+        for dir in ["encap", "decap"] {
+            let mut p = Paired {
+                size,
+                dir,
+                ratios: Vec::new(),
+                esp_ns_per_pkt: Vec::new(),
+                raw_ns_per_pkt: Vec::new(),
+            };
+            for rep in 0..PAIRED_REPS {
+                // Built in alternation, so that both sides' inputs are equally old (equally
+                // far out of the caches) when the timing starts.
+                let mut raw_in = Vec::with_capacity(bursts);
+                let mut esp_in = Vec::with_capacity(bursts);
+                for _ in 0..bursts {
+                    let mut b = Burst::filled(stride, &inner);
+                    b.seq = seq;
+                    seq += BURST as u64;
+                    if dir == "decap" {
+                        assert_eq!(raw_seal(&key, &mut b, size), 0, "raw seal failed");
+                    }
+                    raw_in.push(b);
+                    esp_in.push(match dir {
+                        "encap" => Burst::filled(stride, &plain),
+                        _ => esp_burst(&mut out, stride, &plain),
+                    });
+                }
+                let mut verdicts = [Verdict::Drop(DropReason::Unsupported); BURST];
+                let mut failed = 0;
+                let mut time_raw = |bs: &mut Vec<Burst>| {
+                    let t0 = Instant::now();
+                    for b in bs.iter_mut() {
+                        failed += match dir {
+                            "encap" => raw_seal(&key, b, size),
+                            _ => raw_open(&key, b, size),
+                        };
+                    }
+                    t0.elapsed().as_nanos() as f64
+                };
+                let mut time_esp = |bs: &mut Vec<Burst>| {
+                    let t0 = Instant::now();
+                    for b in bs.iter_mut() {
+                        let mut frames = b.frames();
+                        match dir {
+                            "encap" => out.process(PortId::Lan, &mut frames, &mut verdicts, NOW),
+                            _ => inb.process(PortId::Wan, &mut frames, &mut verdicts, NOW),
+                        }
+                        black_box(&verdicts);
+                    }
+                    t0.elapsed().as_nanos() as f64
+                };
+                let (raw_ns, esp_ns) = if rep % 2 == 0 {
+                    let r = time_raw(&mut raw_in);
+                    (r, time_esp(&mut esp_in))
+                } else {
+                    let e = time_esp(&mut esp_in);
+                    (time_raw(&mut raw_in), e)
+                };
+                assert_eq!(failed, 0, "raw {dir} failed");
+                let pkts = (bursts * BURST) as f64;
+                p.ratios.push(raw_ns / esp_ns);
+                p.esp_ns_per_pkt.push(esp_ns / pkts);
+                p.raw_ns_per_pkt.push(raw_ns / pkts);
+            }
+            assert_clean(&out, "paired encap");
+            assert_clean(&inb, "paired decap");
+            results.push(p);
+        }
+    }
+    results
 }
 
 fn main() {
@@ -770,6 +937,19 @@ fn main() {
         .configure_from_args();
     run_benches(&mut c);
     c.final_summary();
+    // The interleaved check: not in test mode, nor under a profiler, nor when the filter left
+    // out the headline cases (`cargo bench --bench esp -- <filter>` times only what it names).
+    let headline_ran = |dir: &Path| {
+        TARGETS.iter().any(|(size, _)| {
+            estimate(dir, &group_name(*size), &format!("encap-{HEADLINE}"), since).is_some()
+        })
+    };
+    let paired = if quick || profiling || !headline_ran(&criterion_dir()) {
+        Vec::new()
+    } else {
+        println!("interleaved raw/ESP repetitions ({PAIRED_REPS} per case) ...");
+        paired_ratios()
+    };
     let pp_after = pp(rounds);
-    summarize(since, (pp_before, pp_after));
+    summarize(since, (pp_before, pp_after), &paired);
 }
