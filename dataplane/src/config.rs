@@ -1317,8 +1317,8 @@ pub fn parse_str(text: &str, file: &Path) -> Result<Config, ConfigError> {
         }
     }
     // Overlap warnings (the SPD is first-match).
-    let probe = Spd {
-        policies: policies
+    let probe = Spd::new(
+        policies
             .iter()
             .map(|p| Policy {
                 selector: p.selector,
@@ -1330,7 +1330,7 @@ pub fn parse_str(text: &str, file: &Path) -> Result<Config, ConfigError> {
             })
             .collect(),
         default_action,
-    };
+    );
     for (i, j, hidden) in probe.overlaps() {
         let (line, _) = ctx.pos(&spans[i]);
         let msg = if hidden {
@@ -1493,10 +1493,7 @@ pub fn install(
     for sa in sas {
         db.install(sa, provider, now_ns)?;
     }
-    let mut spd = Spd {
-        policies: Vec::with_capacity(policies.len()),
-        default_action: dataplane.default_action,
-    };
+    let mut spd_policies = Vec::with_capacity(policies.len());
     for p in policies {
         let action = match p.action {
             PolicyAction::Protect(name) => match db.id_by_name(&name) {
@@ -1506,12 +1503,12 @@ pub fn install(
             PolicyAction::Bypass => Action::Bypass,
             PolicyAction::Discard => Action::Discard,
         };
-        spd.policies.push(Policy {
+        spd_policies.push(Policy {
             selector: p.selector,
             action,
         });
     }
-    db.set_spd(spd);
+    db.set_spd(Spd::new(spd_policies, dataplane.default_action));
     Ok(Installed {
         dataplane,
         neighbors,

@@ -742,7 +742,7 @@ impl State {
     fn rebuild_spd(&self) {
         let mut ring: Vec<&PolicySpec> = self.policies.values().collect();
         ring.sort_by_key(|p| (p.priority, p.policy_id));
-        let mut spd = self.base.clone();
+        let mut policies = self.base.policies().to_vec();
         // An SA being deleted is gone from `sas` already.
         let managed: HashMap<&str, SaId> =
             self.sas.values().map(|s| (s.name.as_str(), s.id)).collect();
@@ -759,12 +759,13 @@ impl State {
                 PolicyAction::Bypass => Action::Bypass,
                 PolicyAction::Discard => Action::Discard,
             };
-            spd.policies.push(Policy {
+            policies.push(Policy {
                 selector: selector(&p.selector),
                 action,
             });
         }
-        self.db.set_spd(spd);
+        self.db
+            .set_spd(Spd::new(policies, self.base.default_action));
     }
 
     fn counters(&self, sa: Option<&SaRef>, out: &mut VecDeque<Record>) -> Result<(), String> {

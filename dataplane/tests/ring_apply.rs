@@ -166,7 +166,7 @@ fn sref(direction: Direction, spi: u32, generation: u64) -> SaRef {
 fn spd_actions(db: &SaDb) -> Vec<Action> {
     let guard = crossbeam_epoch::pin();
     db.spd(&guard)
-        .map(|s| s.policies.iter().map(|p| p.action).collect())
+        .map(|s| s.policies().iter().map(|p| p.action).collect())
         .unwrap_or_default()
 }
 

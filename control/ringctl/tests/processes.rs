@@ -279,7 +279,7 @@ fn dump(db: &SaDb) -> Value {
     let spd: Vec<Value> = db
         .spd(&guard)
         .map(|spd| {
-            spd.policies
+            spd.policies()
                 .iter()
                 .map(|p| {
                     let action = match p.action {

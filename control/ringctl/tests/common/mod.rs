@@ -131,7 +131,7 @@ impl Dp {
         let guard = crossbeam_epoch::pin();
         self.db
             .spd(&guard)
-            .map(|s| s.policies.iter().map(|p| p.action).collect())
+            .map(|s| s.policies().iter().map(|p| p.action).collect())
             .unwrap_or_default()
     }
 
