@@ -123,6 +123,13 @@ struct State {
     /// The SAs installed when the applier started (the configuration file's), by name.
     file_sas: HashMap<String, (SaId, Direction)>,
     hasher: std::collections::hash_map::RandomState,
+    /// A policy or protected SA changed since the SPD was last published: publish before the
+    /// next answer leaves (so `Applied` still means in effect) and before an SA leaves the
+    /// database. One SPD per poll instead of one per command: a bulk push of n policies no
+    /// longer rebuilds an n-policy SPD n times.
+    spd_dirty: bool,
+    /// SPDs published (for tests and diagnostics).
+    spd_swaps: u64,
 }
 
 struct Ends {
@@ -200,6 +207,8 @@ impl Applier {
                 base,
                 file_sas,
                 hasher: std::collections::hash_map::RandomState::new(),
+                spd_dirty: false,
+                spd_swaps: 0,
             },
             events_lost: 0,
             hook: None,
@@ -228,6 +237,11 @@ impl Applier {
         self.state.sas.len()
     }
 
+    /// SPDs the applier has published since it started.
+    pub fn spd_swaps(&self) -> u64 {
+        self.state.spd_swaps
+    }
+
     /// The SA database handle of an SA installed through the ring.
     pub fn sa_id(&self, sa: &SaRef) -> Option<SaId> {
         self.state.sas.get(sa).map(|s| s.id)
@@ -243,7 +257,9 @@ impl Applier {
         }
         self.forward_events();
         let mut handled = 0;
-        while handled < MAX_RECORDS_PER_POLL && self.flush_outbox() {
+        // Answers go out as commands are applied, except while an SPD change is pending: then
+        // they wait for the end of the poll, where the SPD is published once before them.
+        while handled < MAX_RECORDS_PER_POLL && (self.state.spd_dirty || self.flush_outbox()) {
             let Some(ring) = self.ring.as_mut() else {
                 break;
             };
@@ -267,8 +283,11 @@ impl Applier {
         handled
     }
 
-    /// Pushes queued answers; true when the queue is empty.
+    /// Publishes a pending SPD, then pushes queued answers; true when the queue is empty.
     fn flush_outbox(&mut self) -> bool {
+        if self.state.spd_dirty {
+            self.state.rebuild_spd();
+        }
         while let Some(rec) = self.outbox.front() {
             let Some(ring) = self.ring.as_mut() else {
                 return false;
@@ -427,7 +446,7 @@ impl State {
                     .is_some_and(|p| p.generation == *generation)
                 {
                     self.remove_policy(*policy_id);
-                    self.rebuild_spd();
+                    self.spd_dirty = true;
                 }
                 Ok(())
             }
@@ -570,7 +589,7 @@ impl State {
         self.by_spi.entry(key).or_default().push(r.generation);
         self.by_id.insert(id, r);
         if r.direction == record::Direction::Out && self.protects_with(&spec.name) {
-            self.rebuild_spd();
+            self.spd_dirty = true;
         }
         Ok(())
     }
@@ -649,8 +668,9 @@ impl State {
             return;
         };
         // The SPD first, so no new packet picks the SA up; then the SA (its keys are zeroized
-        // once the workers have left their current burst).
-        if self.protects_with(&sa.name) {
+        // once the workers have left their current burst). A pending SPD change is published
+        // too: the published SPD may still name the SA through a policy deleted in this poll.
+        if self.spd_dirty || self.protects_with(&sa.name) {
             self.rebuild_spd();
         }
         self.remove_from_db(&sa);
@@ -707,7 +727,7 @@ impl State {
             }
         }
         self.insert_policy(p.clone());
-        self.rebuild_spd();
+        self.spd_dirty = true;
         Ok(())
     }
 
@@ -730,7 +750,10 @@ impl State {
             .collect();
         let gone: Vec<InstalledSa> = old.iter().filter_map(|r| self.forget(r)).collect();
         // One SPD for the whole flush, swapped in before any SA leaves the database.
-        if self.policies.len() != before || gone.iter().any(|sa| self.protects_with(&sa.name)) {
+        if self.spd_dirty
+            || self.policies.len() != before
+            || gone.iter().any(|sa| self.protects_with(&sa.name))
+        {
             self.rebuild_spd();
         }
         for sa in &gone {
@@ -739,7 +762,9 @@ impl State {
     }
 
     /// The configuration file's policies, then the ring's by (priority, id); swapped in whole.
-    fn rebuild_spd(&self) {
+    fn rebuild_spd(&mut self) {
+        self.spd_dirty = false;
+        self.spd_swaps += 1;
         let mut ring: Vec<&PolicySpec> = self.policies.values().collect();
         ring.sort_by_key(|p| (p.priority, p.policy_id));
         let mut policies = self.base.policies().to_vec();
