@@ -595,7 +595,8 @@ enum AlsoLine {
 
 /// The headroom in front of a frame that encapsulation writes in the common cases: an ESP
 /// header, an IV of up to 16 bytes and [`OuterTemplate::SHORT`] bytes of outer headers, in place
-/// of the 14-byte Ethernet header. (IPv6 outer headers with a CBC IV reach a few bytes further.)
+/// of the 14-byte Ethernet header. (IPv6 outer headers reach up to 20 bytes further: a miss there
+/// is only a miss, as before.)
 const PUSHED: usize = OuterTemplate::SHORT + esp::HEADER_LEN + 16 - ethernet::HEADER_LEN;
 
 /// Inbound frames up to this long are prefetched whole (at most five lines).
