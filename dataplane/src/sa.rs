@@ -399,11 +399,11 @@ fn seq_limit(esn: bool) -> u64 {
 ///
 /// The struct is deliberately not aligned to a cache line (its alignment is at most 16, the
 /// allocator's own): an over-aligned type takes glibc's `posix_memalign` path, which split and
-/// consolidated chunks on every SA install and cost the SA ring about 15% of its install rate.
+/// consolidated chunks on nearly every SA install (5-10% of the SA ring's install rate).
 /// The padding gives the same isolation without it. The layout is checked by a test.
 #[repr(C)]
 pub struct Sa {
-    // Line 0.
+    // Bytes 0-63.
     /// SPI.
     pub spi: u32,
     /// In or out.
@@ -423,7 +423,7 @@ pub struct Sa {
     pub crypto: Box<dyn SaCrypto>,
     /// Handle.
     pub id: SaId,
-    // Line 1.
+    // Bytes 64-127.
     /// Inbound: anti-replay window (and highest number seen, for ESN).
     pub replay: ReplayWindow,
     /// IV length (cached from the transform).
