@@ -111,9 +111,8 @@ struct State {
     db: Arc<SaDb>,
     provider: Arc<dyn CryptoProvider>,
     sas: FastMap<SaRef, InstalledSa>,
-    /// Generations installed per (direction, SPI), for adoption.
+    /// Generations installed per (direction, SPI), for adoption and to name an event's SA.
     by_spi: FastMap<(record::Direction, u32), Few<u64>>,
-    by_id: FastMap<SaId, SaRef>,
     policies: BTreeMap<u32, PolicySpec>,
     /// How many of `policies` protect with each SA name (so that adding or deleting an SA does
     /// not scan every policy).
@@ -201,7 +200,6 @@ impl Applier {
                 provider,
                 sas: FastMap::default(),
                 by_spi: FastMap::default(),
-                by_id: FastMap::default(),
                 policies: BTreeMap::new(),
                 protecting: FastMap::default(),
                 base,
@@ -316,7 +314,7 @@ impl Applier {
             if let Some(hook) = self.hook.as_mut() {
                 hook(&e);
             }
-            let Some(sa) = self.state.by_id.get(&e.sa).copied() else {
+            let Some(sa) = self.state.sa_ref_of(e.sa) else {
                 continue; // an SA of the configuration file: nobody to tell
             };
             let limit = |l: sa::Limit| match l {
@@ -548,7 +546,6 @@ impl State {
             if let Some(g) = same {
                 let old = SaRef { generation: g, ..r };
                 if let Some(sa) = self.sas.remove(&old) {
-                    self.by_id.insert(sa.id, r);
                     self.sas.insert(r, sa);
                 }
                 if let Some(gens) = self.by_spi.get_mut(&key) {
@@ -587,7 +584,6 @@ impl State {
             },
         );
         self.by_spi.entry(key).or_default().push(r.generation);
-        self.by_id.insert(id, r);
         if r.direction == record::Direction::Out && self.protects_with(&spec.name) {
             self.spd_dirty = true;
         }
@@ -682,6 +678,29 @@ impl State {
         }
     }
 
+    /// The ring's name of an SA in the database (`None` for the configuration file's SAs, and
+    /// for an SA already deleted): its direction and SPI from the SA itself, the generation
+    /// from the few installed under that SPI. Only for events, which are rare; installs do not
+    /// pay for a map from database handle to ring name.
+    fn sa_ref_of(&self, id: SaId) -> Option<SaRef> {
+        let guard = crossbeam_epoch::pin();
+        let sa = self.db.get(id, &guard)?;
+        let direction = match sa.direction {
+            Direction::In => record::Direction::In,
+            Direction::Out => record::Direction::Out,
+        };
+        let spi = sa.spi;
+        self.by_spi
+            .get(&(direction, spi))?
+            .iter()
+            .map(|g| SaRef {
+                direction,
+                spi,
+                generation: *g,
+            })
+            .find(|r| self.sas.get(r).is_some_and(|s| s.id == id))
+    }
+
     /// Takes an SA out of the applier's tables (not yet out of the database).
     fn forget(&mut self, r: &SaRef) -> Option<InstalledSa> {
         let sa = self.sas.remove(r)?;
@@ -692,7 +711,6 @@ impl State {
                 self.by_spi.remove(&key);
             }
         }
-        self.by_id.remove(&sa.id);
         Some(sa)
     }
 
@@ -712,13 +730,14 @@ impl State {
             ));
         }
         if let PolicyAction::Protect { sa_name } = &p.action {
-            // Names are unique in the SA database: find the SA by name, then see whether it is
-            // an outbound SA of the ring's or of the configuration file's.
+            // Names are unique in the SA database (the ring's SAs and the configuration
+            // file's): find the SA by name and see whether it is outbound.
             let out = self.db.id_by_name(sa_name).is_some_and(|id| {
-                self.by_id
-                    .get(&id)
-                    .is_some_and(|r| r.direction == record::Direction::Out)
-            }) || matches!(self.file_sas.get(sa_name), Some((_, Direction::Out)));
+                let guard = crossbeam_epoch::pin();
+                self.db
+                    .get(id, &guard)
+                    .is_some_and(|sa| sa.direction == Direction::Out)
+            });
             if !out {
                 return Err(format!(
                     "policy {}: no outbound SA named {sa_name:?} is installed; add the SA first",
