@@ -54,7 +54,7 @@ use crate::policy::{self, Action, Policy, Prefix, Spd};
 use crate::sa::{
     self, DfMode, Direction, DscpMode, EcnMode, Event, EventKind, Lifetime, Mode, SaId, SaParams,
 };
-use crate::sadb::{Few, SaDb};
+use crate::sadb::SaDb;
 use espgw_crypto::{AeadAlg, CipherAlg, CryptoProvider, SaKeys, Transform};
 use espgw_ring::record;
 use espgw_ring::{
@@ -67,6 +67,55 @@ use std::net::IpAddr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use zeroize::Zeroizing;
+
+/// A short list that keeps its first element inline. Most SPIs have one generation installed
+/// (two during a rekey that reuses one), and a `Vec` would cost a heap allocation per SA
+/// installed.
+#[derive(Debug, Clone)]
+struct Few<T> {
+    first: Option<T>,
+    rest: Vec<T>,
+}
+
+impl<T> Default for Few<T> {
+    fn default() -> Self {
+        Few {
+            first: None,
+            rest: Vec::new(),
+        }
+    }
+}
+
+impl<T: Copy + PartialEq> Few<T> {
+    fn push(&mut self, v: T) {
+        if self.first.is_none() {
+            self.first = Some(v);
+        } else {
+            self.rest.push(v);
+        }
+    }
+
+    fn iter(&self) -> impl Iterator<Item = &T> {
+        self.first.iter().chain(self.rest.iter())
+    }
+
+    fn iter_mut(&mut self) -> impl Iterator<Item = &mut T> {
+        self.first.iter_mut().chain(self.rest.iter_mut())
+    }
+
+    /// Keeps the elements `keep` says yes to, in order.
+    fn retain(&mut self, mut keep: impl FnMut(&T) -> bool) {
+        self.first = self.first.filter(|v| keep(v));
+        self.rest.retain(|v| keep(v));
+        if self.first.is_none() && !self.rest.is_empty() {
+            self.first = Some(self.rest.remove(0));
+        }
+    }
+
+    fn is_empty(&self) -> bool {
+        self.first.is_none()
+    }
+}
 
 /// The applier's tables, keyed by what the control process sent: foldhash (seeded per process)
 /// instead of SipHash, which was a visible share of an install.
@@ -1038,4 +1087,44 @@ pub fn sa_params(s: &SaSpec) -> Result<SaParams, String> {
         outer_ttl: s.outer_ttl,
         pad_align: None,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Few;
+
+    /// `Few` behaves as a `Vec`: same elements, same order, through pushes and removals.
+    #[test]
+    fn few_is_a_list() {
+        let mut few = Few::default();
+        let mut model = Vec::new();
+        assert!(few.is_empty());
+        // Remove the first, a middle one, the last, everything; push in between.
+        let steps: [&[u32]; 5] = [&[1, 2, 3, 4], &[1], &[5, 6], &[3, 6], &[2, 4, 5]];
+        for (i, step) in steps.iter().enumerate() {
+            if i % 2 == 0 {
+                for v in *step {
+                    few.push(*v);
+                    model.push(*v);
+                }
+            } else {
+                few.retain(|v| !step.contains(v));
+                model.retain(|v| !step.contains(v));
+            }
+            assert_eq!(few.iter().copied().collect::<Vec<_>>(), model, "step {i}");
+            assert_eq!(few.is_empty(), model.is_empty());
+        }
+        few.retain(|_| false);
+        assert!(few.is_empty());
+        assert_eq!(few.iter().count(), 0);
+        for x in few.iter_mut() {
+            *x += 1;
+        }
+        few.push(7);
+        few.push(8);
+        for x in few.iter_mut() {
+            *x += 1;
+        }
+        assert_eq!(few.iter().copied().collect::<Vec<_>>(), [8, 9]);
+    }
 }

@@ -109,6 +109,27 @@ impl SpiIndex {
         }
     }
 
+    /// The slots of the entries with this SPI (writer only: its own stores are the only ones,
+    /// so relaxed loads see them all). Several inbound SAs share an SPI only when their local
+    /// addresses differ.
+    fn slots_of(&self, spi: u32) -> impl Iterator<Item = u32> + '_ {
+        let mut i = self.home(spi);
+        let mut left = self.mask + 1;
+        std::iter::from_fn(move || {
+            while left > 0 {
+                left -= 1;
+                let e = self.buckets[i].load(Ordering::Relaxed);
+                i = (i + 1) & self.mask;
+                if e == EMPTY {
+                    left = 0;
+                } else if e != TOMBSTONE && (e >> 32) as u32 == spi {
+                    return Some(((e & 0xFFFF_FFFF) - 1) as u32);
+                }
+            }
+            None
+        })
+    }
+
     /// Remove (writer only).
     fn remove(&self, spi: u32, slot: u32) -> bool {
         let want = Self::entry(spi, slot);
@@ -128,63 +149,6 @@ impl SpiIndex {
     }
 }
 
-/// A short list that keeps its first element inline. Most keys of the per-SPI maps have one
-/// entry (SPIs are chosen unique; two during a rekey that reuses one), and a `Vec` would cost a
-/// heap allocation per SA installed.
-#[derive(Debug, Clone)]
-pub(crate) struct Few<T> {
-    first: Option<T>,
-    rest: Vec<T>,
-}
-
-impl<T> Default for Few<T> {
-    fn default() -> Self {
-        Few {
-            first: None,
-            rest: Vec::new(),
-        }
-    }
-}
-
-impl<T: Copy + PartialEq> Few<T> {
-    pub(crate) fn push(&mut self, v: T) {
-        if self.first.is_none() {
-            self.first = Some(v);
-        } else {
-            self.rest.push(v);
-        }
-    }
-
-    pub(crate) fn iter(&self) -> impl Iterator<Item = &T> {
-        self.first.iter().chain(self.rest.iter())
-    }
-
-    pub(crate) fn iter_mut(&mut self) -> impl Iterator<Item = &mut T> {
-        self.first.iter_mut().chain(self.rest.iter_mut())
-    }
-
-    /// Keeps the elements `keep` says yes to, in order.
-    pub(crate) fn retain(&mut self, mut keep: impl FnMut(&T) -> bool) {
-        self.first = self.first.filter(|v| keep(v));
-        self.rest.retain(|v| keep(v));
-        if self.first.is_none() && !self.rest.is_empty() {
-            self.first = Some(self.rest.remove(0));
-        }
-    }
-
-    pub(crate) fn len(&self) -> usize {
-        usize::from(self.first.is_some()) + self.rest.len()
-    }
-
-    pub(crate) fn is_empty(&self) -> bool {
-        self.first.is_none()
-    }
-
-    pub(crate) fn first(&self) -> Option<T> {
-        self.first
-    }
-}
-
 struct Writer {
     /// Free slots (a stack).
     free: Vec<u32>,
@@ -192,7 +156,6 @@ struct Writer {
     generations: Vec<u32>,
     names: HashMap<String, SaId, foldhash::fast::RandomState>,
     /// Inbound SAs per SPI, to detect duplicates and SPI sharing.
-    inbound_by_spi: HashMap<u32, Few<SaId>, foldhash::fast::RandomState>,
     installed: usize,
     tombstones: usize,
     index_capacity: usize,
@@ -233,7 +196,6 @@ impl SaDb {
                 free: (0..capacity as u32).rev().collect(),
                 generations: vec![0; capacity],
                 names: HashMap::default(),
-                inbound_by_spi: HashMap::default(),
                 installed: 0,
                 tombstones: 0,
                 index_capacity: capacity,
@@ -348,12 +310,13 @@ impl SaDb {
         if w.names.contains_key(&params.name) {
             return Err(SadbError::DuplicateName(params.name.clone()));
         }
+        // Inbound SAs with the same SPI, found through the SPI index itself (no second map).
         let mut shares_spi = Vec::new();
         if params.direction == Direction::In
-            && let Some(ids) = w.inbound_by_spi.get(&params.spi)
+            && let Some(index) = shared_ref(self.index.load(Ordering::Acquire, &guard))
         {
-            for id in ids.iter() {
-                if let Some(other) = self.get(*id, &guard) {
+            for slot in index.slots_of(params.spi) {
+                if let Some(other) = self.at_slot(slot, &guard) {
                     if other.local == params.local {
                         return Err(SadbError::DuplicateSpi {
                             spi: params.spi,
@@ -387,7 +350,6 @@ impl SaDb {
             if let Some(index) = shared_ref(self.index.load(Ordering::Acquire, &guard)) {
                 index.insert(spi, slot);
             }
-            w.inbound_by_spi.entry(spi).or_default().push(id);
         }
         w.names.insert(name, id);
         w.installed += 1;
@@ -410,23 +372,18 @@ impl SaDb {
         if sa.id != id {
             return Err(SadbError::NotFound(id));
         }
-        if sa.direction == Direction::In {
-            if let Some(index) = shared_ref(self.index.load(Ordering::Acquire, &guard))
-                && index.remove(sa.spi, id.slot())
-            {
+        if sa.direction == Direction::In
+            && let Some(index) = shared_ref(self.index.load(Ordering::Acquire, &guard))
+        {
+            if index.remove(sa.spi, id.slot()) {
                 w.tombstones += 1;
             }
-            if let Some(ids) = w.inbound_by_spi.get_mut(&sa.spi) {
-                ids.retain(|x| *x != id);
-                if ids.len() == 1
-                    && let Some(last) = ids.first()
-                    && let Some(other) = self.get(last, &guard)
-                {
-                    other.shared_spi.store(false, Ordering::Release);
-                }
-                if ids.is_empty() {
-                    w.inbound_by_spi.remove(&sa.spi);
-                }
+            // The one SA left with this SPI no longer needs the destination compared.
+            let mut rest = index.slots_of(sa.spi);
+            if let (Some(last), None) = (rest.next(), rest.next())
+                && let Some(other) = self.at_slot(last, &guard)
+            {
+                other.shared_spi.store(false, Ordering::Release);
             }
         }
         w.names.remove(&sa.name);
@@ -446,11 +403,9 @@ impl SaDb {
 
     fn rebuild_index(&self, w: &mut Writer, guard: &Guard) {
         let fresh = SpiIndex::with_capacity(w.index_capacity);
-        for ids in w.inbound_by_spi.values() {
-            for id in ids.iter() {
-                if let Some(sa) = self.get(*id, guard) {
-                    fresh.insert(sa.spi, id.slot());
-                }
+        for slot in 0..self.slots.len() as u32 {
+            if let Some(sa) = self.at_slot(slot, guard) {
+                fresh.insert(sa.spi, slot);
             }
         }
         let old = self.index.swap(Owned::new(fresh), Ordering::AcqRel, guard);
@@ -486,6 +441,16 @@ impl SaDb {
             i = (i + 1) & index.mask;
         }
         None
+    }
+
+    /// The inbound SA in this slot, if any (the SPI index's entries name slots).
+    fn at_slot<'g>(&self, slot: u32, guard: &'g Guard) -> Option<&'g Sa> {
+        let sa = shared_ref(
+            self.slots
+                .get(slot as usize)?
+                .load(Ordering::Acquire, guard),
+        )?;
+        (sa.direction == Direction::In).then_some(sa)
     }
 
     /// The SA with this handle, if still installed.
@@ -588,43 +553,6 @@ mod tests {
     use espgw_crypto::{AeadAlg, SaKeys, SoftwareProvider, Transform};
     use std::sync::Arc;
     use std::sync::atomic::AtomicBool;
-
-    /// `Few` behaves as a `Vec`: same elements, same order, through pushes and removals.
-    #[test]
-    fn few_is_a_list() {
-        let mut few = Few::default();
-        let mut model = Vec::new();
-        assert!(few.is_empty());
-        // Remove the first, a middle one, the last, everything; push in between.
-        let steps: [&[u32]; 5] = [&[1, 2, 3, 4], &[1], &[5, 6], &[3, 6], &[2, 4, 5]];
-        for (i, step) in steps.iter().enumerate() {
-            if i % 2 == 0 {
-                for v in *step {
-                    few.push(*v);
-                    model.push(*v);
-                }
-            } else {
-                few.retain(|v| !step.contains(v));
-                model.retain(|v| !step.contains(v));
-            }
-            assert_eq!(few.iter().copied().collect::<Vec<_>>(), model, "step {i}");
-            assert_eq!(few.len(), model.len());
-            assert_eq!(few.first(), model.first().copied());
-            assert_eq!(few.is_empty(), model.is_empty());
-        }
-        few.retain(|_| false);
-        assert!(few.is_empty());
-        assert_eq!(few.first(), None);
-        for x in few.iter_mut() {
-            *x += 1;
-        }
-        few.push(7);
-        few.push(8);
-        for x in few.iter_mut() {
-            *x += 1;
-        }
-        assert_eq!(few.iter().copied().collect::<Vec<_>>(), [8, 9]);
-    }
 
     fn params(name: &str, direction: Direction, spi: u32, local: &str) -> SaParams {
         SaParams {
