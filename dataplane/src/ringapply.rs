@@ -61,61 +61,13 @@ use espgw_ring::{
     Consumer, PolicyAction, PolicySpec, Producer, PushError, Record, RingError, RingParams,
     SaCounters, SaRef, SaSpec, SaUpdate, Segment, SegmentError,
 };
+use std::collections::hash_map::Entry;
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::hash::BuildHasher;
 use std::net::IpAddr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use zeroize::Zeroizing;
-
-/// A short list that keeps its first element inline. Most SPIs have one generation installed
-/// (two during a rekey that reuses one), and a `Vec` would cost a heap allocation per SA
-/// installed.
-#[derive(Debug, Clone)]
-struct Few<T> {
-    first: Option<T>,
-    rest: Vec<T>,
-}
-
-impl<T> Default for Few<T> {
-    fn default() -> Self {
-        Few {
-            first: None,
-            rest: Vec::new(),
-        }
-    }
-}
-
-impl<T: Copy + PartialEq> Few<T> {
-    fn push(&mut self, v: T) {
-        if self.first.is_none() {
-            self.first = Some(v);
-        } else {
-            self.rest.push(v);
-        }
-    }
-
-    fn iter(&self) -> impl Iterator<Item = &T> {
-        self.first.iter().chain(self.rest.iter())
-    }
-
-    fn iter_mut(&mut self) -> impl Iterator<Item = &mut T> {
-        self.first.iter_mut().chain(self.rest.iter_mut())
-    }
-
-    /// Keeps the elements `keep` says yes to, in order.
-    fn retain(&mut self, mut keep: impl FnMut(&T) -> bool) {
-        self.first = self.first.filter(|v| keep(v));
-        self.rest.retain(|v| keep(v));
-        if self.first.is_none() && !self.rest.is_empty() {
-            self.first = Some(self.rest.remove(0));
-        }
-    }
-
-    fn is_empty(&self) -> bool {
-        self.first.is_none()
-    }
-}
 
 /// The applier's tables, keyed by what the control process sent: foldhash (seeded per process)
 /// instead of SipHash, which was a visible share of an install.
@@ -155,13 +107,118 @@ struct InstalledSa {
     fingerprint: u64,
 }
 
+/// The ring's SAs by (direction, SPI), each with the generations installed under it: usually
+/// one, two while a rekey or a resync reuses an SPI. One probe of one table per command (a
+/// separate map of generations per SPI cost a second random miss per install at 10^6 SAs), and
+/// the first generation inline, so that most SPIs cost no allocation of their own.
+#[derive(Default)]
+struct SaTable {
+    by_spi: FastMap<(record::Direction, u32), Gens>,
+    len: usize,
+}
+
+/// The generations under one SPI; never empty (the entry goes with its last generation).
+struct Gens {
+    first: (u64, InstalledSa),
+    rest: Vec<(u64, InstalledSa)>,
+}
+
+impl Gens {
+    fn iter(&self) -> impl Iterator<Item = &(u64, InstalledSa)> {
+        std::iter::once(&self.first).chain(self.rest.iter())
+    }
+}
+
+impl SaTable {
+    fn len(&self) -> usize {
+        self.len
+    }
+
+    fn get(&self, r: &SaRef) -> Option<&InstalledSa> {
+        self.generations(r.direction, r.spi)
+            .find(|(g, _)| *g == r.generation)
+            .map(|(_, s)| s)
+    }
+
+    /// Adds or replaces the SA under `r`.
+    fn insert(&mut self, r: SaRef, sa: InstalledSa) {
+        match self.by_spi.entry((r.direction, r.spi)) {
+            Entry::Vacant(v) => {
+                v.insert(Gens {
+                    first: (r.generation, sa),
+                    rest: Vec::new(),
+                });
+                self.len += 1;
+            }
+            Entry::Occupied(mut o) => {
+                let gens = o.get_mut();
+                if gens.first.0 == r.generation {
+                    gens.first.1 = sa;
+                } else if let Some(x) = gens.rest.iter_mut().find(|x| x.0 == r.generation) {
+                    x.1 = sa;
+                } else {
+                    gens.rest.push((r.generation, sa));
+                    self.len += 1;
+                }
+            }
+        }
+    }
+
+    fn remove(&mut self, r: &SaRef) -> Option<InstalledSa> {
+        let Entry::Occupied(mut o) = self.by_spi.entry((r.direction, r.spi)) else {
+            return None;
+        };
+        let sa = if o.get().first.0 == r.generation {
+            if o.get().rest.is_empty() {
+                o.remove().first.1
+            } else {
+                let gens = o.get_mut();
+                let next = gens.rest.swap_remove(0);
+                std::mem::replace(&mut gens.first, next).1
+            }
+        } else {
+            let gens = o.get_mut();
+            let at = gens.rest.iter().position(|x| x.0 == r.generation)?;
+            gens.rest.swap_remove(at).1
+        };
+        self.len -= 1;
+        Some(sa)
+    }
+
+    /// The generations installed under (direction, SPI), with their SAs.
+    fn generations(
+        &self,
+        direction: record::Direction,
+        spi: u32,
+    ) -> impl Iterator<Item = (u64, &InstalledSa)> {
+        self.by_spi
+            .get(&(direction, spi))
+            .into_iter()
+            .flat_map(Gens::iter)
+            .map(|(g, s)| (*g, s))
+    }
+
+    fn iter(&self) -> impl Iterator<Item = (SaRef, &InstalledSa)> {
+        self.by_spi.iter().flat_map(|(&(direction, spi), gens)| {
+            gens.iter().map(move |(g, s)| {
+                (
+                    SaRef {
+                        direction,
+                        spi,
+                        generation: *g,
+                    },
+                    s,
+                )
+            })
+        })
+    }
+}
+
 /// What the commands change: the SAs and policies the ring installed.
 struct State {
     db: Arc<SaDb>,
     provider: Arc<dyn CryptoProvider>,
-    sas: FastMap<SaRef, InstalledSa>,
-    /// Generations installed per (direction, SPI), for adoption and to name an event's SA.
-    by_spi: FastMap<(record::Direction, u32), Few<u64>>,
+    sas: SaTable,
     policies: BTreeMap<u32, PolicySpec>,
     /// How many of `policies` protect with each SA name (so that adding or deleting an SA does
     /// not scan every policy).
@@ -247,8 +304,7 @@ impl Applier {
             state: State {
                 db,
                 provider,
-                sas: FastMap::default(),
-                by_spi: FastMap::default(),
+                sas: SaTable::default(),
                 policies: BTreeMap::new(),
                 protecting: FastMap::default(),
                 base,
@@ -583,41 +639,29 @@ impl State {
             };
         }
         // Adoption: the same SA re-pushed with a new generation (a resync).
-        let key = (r.direction, r.spi);
-        if let Some(gens) = self.by_spi.get(&key) {
-            let same = gens.iter().copied().find(|g| {
-                let old = SaRef {
-                    generation: *g,
-                    ..r
-                };
-                self.sas.get(&old).is_some_and(|s| s.fingerprint == fp)
-            });
-            if let Some(g) = same {
-                let old = SaRef { generation: g, ..r };
-                if let Some(sa) = self.sas.remove(&old) {
-                    self.sas.insert(r, sa);
-                }
-                if let Some(gens) = self.by_spi.get_mut(&key) {
-                    for x in gens.iter_mut() {
-                        if *x == g {
-                            *x = r.generation;
-                        }
-                    }
-                }
-                // The re-pushed peer and limits win (the control process may have updated them
-                // while the data plane could not hear it).
-                return match self.sas.get(&r) {
-                    Some(sa) => self.set_mutable(
-                        sa.id,
-                        spec.spi,
-                        spec.remote,
-                        spec.encap,
-                        &spec.lifetime,
-                        now_ns,
-                    ),
-                    None => Ok(()),
-                };
+        let same = self
+            .sas
+            .generations(r.direction, r.spi)
+            .find(|(_, s)| s.fingerprint == fp)
+            .map(|(g, _)| g);
+        if let Some(g) = same {
+            let old = SaRef { generation: g, ..r };
+            if let Some(sa) = self.sas.remove(&old) {
+                self.sas.insert(r, sa);
             }
+            // The re-pushed peer and limits win (the control process may have updated them
+            // while the data plane could not hear it).
+            return match self.sas.get(&r) {
+                Some(sa) => self.set_mutable(
+                    sa.id,
+                    spec.spi,
+                    spec.remote,
+                    spec.encap,
+                    &spec.lifetime,
+                    now_ns,
+                ),
+                None => Ok(()),
+            };
         }
         let params = sa_params(spec)?;
         let id = self
@@ -632,7 +676,6 @@ impl State {
                 fingerprint: fp,
             },
         );
-        self.by_spi.entry(key).or_default().push(r.generation);
         if r.direction == record::Direction::Out && self.protects_with(&spec.name) {
             self.spd_dirty = true;
         }
@@ -739,28 +782,19 @@ impl State {
             Direction::Out => record::Direction::Out,
         };
         let spi = sa.spi;
-        self.by_spi
-            .get(&(direction, spi))?
-            .iter()
-            .map(|g| SaRef {
+        self.sas
+            .generations(direction, spi)
+            .find(|(_, s)| s.id == id)
+            .map(|(generation, _)| SaRef {
                 direction,
                 spi,
-                generation: *g,
+                generation,
             })
-            .find(|r| self.sas.get(r).is_some_and(|s| s.id == id))
     }
 
     /// Takes an SA out of the applier's tables (not yet out of the database).
     fn forget(&mut self, r: &SaRef) -> Option<InstalledSa> {
-        let sa = self.sas.remove(r)?;
-        let key = (r.direction, r.spi);
-        if let Some(gens) = self.by_spi.get_mut(&key) {
-            gens.retain(|g| *g != r.generation);
-            if gens.is_empty() {
-                self.by_spi.remove(&key);
-            }
-        }
-        Some(sa)
+        self.sas.remove(r)
     }
 
     fn add_policy(&mut self, p: &PolicySpec) -> Result<(), String> {
@@ -812,9 +846,9 @@ impl State {
         }
         let old: Vec<SaRef> = self
             .sas
-            .keys()
+            .iter()
+            .map(|(r, _)| r)
             .filter(|r| r.generation < older_than)
-            .copied()
             .collect();
         let gone: Vec<InstalledSa> = old.iter().filter_map(|r| self.forget(r)).collect();
         // One SPD for the whole flush, swapped in before any SA leaves the database.
@@ -837,8 +871,11 @@ impl State {
         ring.sort_by_key(|p| (p.priority, p.policy_id));
         let mut policies = self.base.policies().to_vec();
         // An SA being deleted is gone from `sas` already.
-        let managed: HashMap<&str, SaId> =
-            self.sas.values().map(|s| (s.name.as_str(), s.id)).collect();
+        let managed: HashMap<&str, SaId> = self
+            .sas
+            .iter()
+            .map(|(_, s)| (s.name.as_str(), s.id))
+            .collect();
         for p in ring {
             let action = match &p.action {
                 PolicyAction::Protect { sa_name } => match managed.get(sa_name.as_str()) {
@@ -891,9 +928,9 @@ impl State {
                 }
             }
             None => {
-                let mut all: Vec<(&SaRef, &InstalledSa)> = self.sas.iter().collect();
+                let mut all: Vec<(SaRef, &InstalledSa)> = self.sas.iter().collect();
                 all.sort_by_key(|(r, _)| (r.spi, r.generation, r.direction as u8));
-                out.extend(all.into_iter().filter_map(|(r, s)| one(r, s.id)));
+                out.extend(all.into_iter().filter_map(|(r, s)| one(&r, s.id)));
             }
         }
         Ok(())
@@ -1091,40 +1128,74 @@ pub fn sa_params(s: &SaSpec) -> Result<SaParams, String> {
 
 #[cfg(test)]
 mod tests {
-    use super::Few;
+    use super::*;
+    use proptest::prelude::*;
 
-    /// `Few` behaves as a `Vec`: same elements, same order, through pushes and removals.
-    #[test]
-    fn few_is_a_list() {
-        let mut few = Few::default();
-        let mut model = Vec::new();
-        assert!(few.is_empty());
-        // Remove the first, a middle one, the last, everything; push in between.
-        let steps: [&[u32]; 5] = [&[1, 2, 3, 4], &[1], &[5, 6], &[3, 6], &[2, 4, 5]];
-        for (i, step) in steps.iter().enumerate() {
-            if i % 2 == 0 {
-                for v in *step {
-                    few.push(*v);
-                    model.push(*v);
-                }
+    fn installed(v: u64) -> InstalledSa {
+        InstalledSa {
+            id: SaId(v),
+            name: format!("sa-{v}"),
+            fingerprint: v,
+        }
+    }
+
+    #[derive(Debug, Clone)]
+    enum Op {
+        Insert(SaRef, u64),
+        Remove(SaRef),
+    }
+
+    fn sa_ref() -> impl Strategy<Value = SaRef> {
+        // Few SPIs and generations, so that SPIs collect several generations.
+        (any::<bool>(), 0x1000u32..0x1004, 1u64..5).prop_map(|(out, spi, generation)| SaRef {
+            direction: if out {
+                record::Direction::Out
             } else {
-                few.retain(|v| !step.contains(v));
-                model.retain(|v| !step.contains(v));
+                record::Direction::In
+            },
+            spi,
+            generation,
+        })
+    }
+
+    proptest! {
+        /// `SaTable` behaves as a map from `SaRef` to the SA, whatever the order of inserts,
+        /// replacements and removals within an SPI.
+        #[test]
+        fn sa_table_is_a_map_by_sa_ref(
+            ops in prop::collection::vec(
+                prop_oneof![
+                    (sa_ref(), any::<u64>()).prop_map(|(r, v)| Op::Insert(r, v)),
+                    sa_ref().prop_map(Op::Remove),
+                ],
+                1..200,
+            )
+        ) {
+            let mut t = SaTable::default();
+            let mut model: HashMap<SaRef, u64> = HashMap::new();
+            for op in ops {
+                match op {
+                    Op::Insert(r, v) => {
+                        t.insert(r, installed(v));
+                        model.insert(r, v);
+                    }
+                    Op::Remove(r) => {
+                        let got = t.remove(&r).map(|s| s.fingerprint);
+                        prop_assert_eq!(got, model.remove(&r));
+                    }
+                }
+                prop_assert_eq!(t.len(), model.len());
+                let mut all: Vec<(SaRef, u64)> = t.iter().map(|(r, s)| (r, s.fingerprint)).collect();
+                let mut want: Vec<(SaRef, u64)> = model.iter().map(|(r, v)| (*r, *v)).collect();
+                let key = |x: &(SaRef, u64)| (x.0.direction as u8, x.0.spi, x.0.generation);
+                all.sort_by_key(key);
+                want.sort_by_key(key);
+                prop_assert_eq!(all, want);
+                for (r, v) in &model {
+                    prop_assert_eq!(t.get(r).map(|s| s.fingerprint), Some(*v));
+                    prop_assert!(t.generations(r.direction, r.spi).any(|(g, _)| g == r.generation));
+                }
             }
-            assert_eq!(few.iter().copied().collect::<Vec<_>>(), model, "step {i}");
-            assert_eq!(few.is_empty(), model.is_empty());
         }
-        few.retain(|_| false);
-        assert!(few.is_empty());
-        assert_eq!(few.iter().count(), 0);
-        for x in few.iter_mut() {
-            *x += 1;
-        }
-        few.push(7);
-        few.push(8);
-        for x in few.iter_mut() {
-            *x += 1;
-        }
-        assert_eq!(few.iter().copied().collect::<Vec<_>>(), [8, 9]);
     }
 }
