@@ -109,16 +109,18 @@ impl SpiIndex {
         }
     }
 
-    /// The slots of the entries with this SPI (writer only: its own stores are the only ones,
-    /// so relaxed loads see them all). Several inbound SAs share an SPI only when their local
-    /// addresses differ.
+    /// The slots of the entries with this SPI, in probe order: what a reader's lookup walks and
+    /// what the writer checks for SPI sharing. Several inbound SAs share an SPI only when their
+    /// local addresses differ. A reader validates the SA it reaches (the slot may have been
+    /// reused since the entry was read).
+    #[inline]
     fn slots_of(&self, spi: u32) -> impl Iterator<Item = u32> + '_ {
         let mut i = self.home(spi);
         let mut left = self.mask + 1;
         std::iter::from_fn(move || {
             while left > 0 {
                 left -= 1;
-                let e = self.buckets[i].load(Ordering::Relaxed);
+                let e = self.buckets[i].load(Ordering::Acquire);
                 i = (i + 1) & self.mask;
                 if e == EMPTY {
                     left = 0;
@@ -155,7 +157,6 @@ struct Writer {
     /// Generation of each slot, bumped on every install.
     generations: Vec<u32>,
     names: HashMap<String, SaId, foldhash::fast::RandomState>,
-    /// Inbound SAs per SPI, to detect duplicates and SPI sharing.
     installed: usize,
     tombstones: usize,
     index_capacity: usize,
@@ -419,31 +420,15 @@ impl SaDb {
     #[inline]
     pub fn lookup_inbound<'g>(&self, spi: u32, dst: IpAddr, guard: &'g Guard) -> Option<&'g Sa> {
         let index = shared_ref(self.index.load(Ordering::Acquire, guard))?;
-        let mut i = index.home(spi);
-        for _ in 0..=index.mask {
-            let e = index.buckets[i].load(Ordering::Acquire);
-            if e == EMPTY {
-                return None;
-            }
-            if e != TOMBSTONE && (e >> 32) as u32 == spi {
-                let slot = ((e & 0xFFFF_FFFF) - 1) as usize;
-                if let Some(sa) = self
-                    .slots
-                    .get(slot)
-                    .and_then(|s| shared_ref(s.load(Ordering::Acquire, guard)))
-                    && sa.spi == spi
-                    && sa.direction == Direction::In
-                    && (sa.local == dst || !sa.shared_spi.load(Ordering::Acquire))
-                {
-                    return Some(sa);
-                }
-            }
-            i = (i + 1) & index.mask;
-        }
-        None
+        index.slots_of(spi).find_map(|slot| {
+            self.at_slot(slot, guard).filter(|sa| {
+                sa.spi == spi && (sa.local == dst || !sa.shared_spi.load(Ordering::Acquire))
+            })
+        })
     }
 
     /// The inbound SA in this slot, if any (the SPI index's entries name slots).
+    #[inline]
     fn at_slot<'g>(&self, slot: u32, guard: &'g Guard) -> Option<&'g Sa> {
         let sa = shared_ref(
             self.slots
