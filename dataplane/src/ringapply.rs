@@ -752,7 +752,7 @@ impl State {
 
     /// Removes an SA installed through the ring (absent: nothing to do).
     fn delete_sa(&mut self, r: &SaRef) {
-        let Some(sa) = self.forget(r) else {
+        let Some(sa) = self.sas.remove(r) else {
             return;
         };
         // The SPD first, so no new packet picks the SA up; then the SA (its keys are zeroized
@@ -790,11 +790,6 @@ impl State {
                 spi,
                 generation,
             })
-    }
-
-    /// Takes an SA out of the applier's tables (not yet out of the database).
-    fn forget(&mut self, r: &SaRef) -> Option<InstalledSa> {
-        self.sas.remove(r)
     }
 
     fn add_policy(&mut self, p: &PolicySpec) -> Result<(), String> {
@@ -850,7 +845,7 @@ impl State {
             .map(|(r, _)| r)
             .filter(|r| r.generation < older_than)
             .collect();
-        let gone: Vec<InstalledSa> = old.iter().filter_map(|r| self.forget(r)).collect();
+        let gone: Vec<InstalledSa> = old.iter().filter_map(|r| self.sas.remove(r)).collect();
         // One SPD for the whole flush, swapped in before any SA leaves the database.
         if self.spd_dirty
             || self.policies.len() != before
