@@ -339,34 +339,28 @@ fn wire_err(e: espgw_wire::Error) -> DropReason {
 fn parse_ip(data: &[u8], eth_len: usize, v6: bool, l3: &mut L3) -> Result<(), DropReason> {
     l3.eth_len = eth_len as u16;
     if !v6 {
+        // The common case first: no options, the whole header present, a plausible length.
+        // One fixed-size read and three compares decide it; the wire view below makes the same
+        // checks one field at a time and says which one failed.
+        if let Some(fixed) = data.first_chunk::<{ ipv4::HEADER_LEN }>()
+            && fixed[0] == 0x45
+            && (ipv4::HEADER_LEN..=data.len()).contains(&usize::from(read_be16(fixed, 2)))
+        {
+            if !ipv4_header_checksum_ok(fixed) {
+                return Err(DropReason::BadChecksum);
+            }
+            fill_ipv4(l3, fixed, ipv4::HEADER_LEN);
+            return Ok(());
+        }
         let p = ipv4::Ipv4Packet::new_checked(data).map_err(wire_err)?;
         let hl = p.header_len();
-        // The checks passed: read the fixed 20 bytes through an array-backed view, whose field
-        // reads need no bounds checks.
         let Some(fixed) = data.first_chunk::<{ ipv4::HEADER_LEN }>() else {
             return Err(DropReason::Truncated);
         };
-        let h = ipv4::Ipv4Packet::new_unchecked(fixed);
-        let ok = if hl == ipv4::HEADER_LEN {
-            ipv4_header_checksum_ok(fixed)
-        } else {
-            checksum::sum(&data[..hl]) == 0xFFFF
-        };
-        if !ok {
+        if checksum::sum(&data[..hl]) != 0xFFFF {
             return Err(DropReason::BadChecksum);
         }
-        let later = h.frag_offset() != 0;
-        let frag = later || h.more_frags();
-        l3.ip_len = h.total_len();
-        l3.keep = hl as u16;
-        l3.nh_field = 9;
-        l3.upper = hl as u16;
-        l3.proto = h.next_header();
-        l3.ttl = h.ttl();
-        l3.tos = fixed[1];
-        l3.flags = if frag { F_FRAG } else { 0 }
-            | if later { F_LATER_FRAG } else { 0 }
-            | if h.dont_frag() { F_DF } else { 0 };
+        fill_ipv4(l3, fixed, hl);
     } else {
         let p = ipv6::Ipv6Packet::new_checked(data).map_err(wire_err)?;
         let ext = p.walk_ext_headers().map_err(wire_err)?;
@@ -387,6 +381,30 @@ fn parse_ip(data: &[u8], eth_len: usize, v6: bool, l3: &mut L3) -> Result<(), Dr
     Ok(())
 }
 
+#[inline(always)]
+fn read_be16(b: &[u8; ipv4::HEADER_LEN], at: usize) -> u16 {
+    u16::from_be_bytes([b[at], b[at + 1]])
+}
+
+/// `l3` from a checked IPv4 header of `hl` bytes (`fixed`: its first 20).
+#[inline(always)]
+fn fill_ipv4(l3: &mut L3, fixed: &[u8; ipv4::HEADER_LEN], hl: usize) {
+    let flags_frag = read_be16(fixed, 6);
+    let later = flags_frag & 0x1FFF != 0;
+    let more = flags_frag & 0x2000 != 0;
+    let df = flags_frag & 0x4000 != 0;
+    l3.ip_len = read_be16(fixed, 2);
+    l3.keep = hl as u16;
+    l3.nh_field = 9;
+    l3.upper = hl as u16;
+    l3.proto = fixed[9];
+    l3.ttl = fixed[8];
+    l3.tos = fixed[1];
+    l3.flags = if later || more { F_FRAG } else { 0 }
+        | if later { F_LATER_FRAG } else { 0 }
+        | if df { F_DF } else { 0 };
+}
+
 /// Does an option-less IPv4 header (with its checksum field) sum to 0xFFFF? Five 32-bit words,
 /// summed inline.
 #[inline(always)]
@@ -403,6 +421,18 @@ fn ipv4_header_checksum_ok(w: &[u8; ipv4::HEADER_LEN]) -> bool {
 /// Parse an Ethernet frame carrying IP into `l3`. `Ok(false)`: not IP (ARP, ...).
 #[inline(always)]
 fn parse_frame(data: &[u8], l3: &mut L3) -> Result<bool, DropReason> {
+    // Untagged IPv4, the common case, without the tag checks of the wire view.
+    if let Some(head) = data.first_chunk::<{ ethernet::HEADER_LEN }>()
+        && head[12..14] == ethernet::ethertype::IPV4.to_be_bytes()
+    {
+        return parse_ip(
+            &data[ethernet::HEADER_LEN..],
+            ethernet::HEADER_LEN,
+            false,
+            l3,
+        )
+        .map(|()| true);
+    }
     let eth = ethernet::EthernetFrame::new_checked(data).map_err(wire_err)?;
     let v6 = match eth.ethertype() {
         ethernet::ethertype::IPV4 => false,
