@@ -11,7 +11,8 @@
 //!   `seal_in_place_separate_tag` / `open_in_place_separate_tag` over 32 buffers of the same size
 //!   as the inner packet, 8-byte AAD, the tag written after / read from behind the data. For
 //!   small packets the loop first prefetches every buffer's lines, as the pipeline does for its
-//!   frames, so that cold bursts do not make the baseline look slower than the crypto is.
+//!   frames, and for larger ones the next buffer's lines while it works on one, as the crypto
+//!   backends do, so that cold bursts do not make the baseline look slower than the crypto is.
 //!
 //! Inputs are built in criterion's untimed setup (`iter_batched_ref`, `BatchSize::SmallInput`):
 //! fresh plaintext copied into UMEM-like buffers (256 bytes of headroom in front of the frame,
@@ -356,7 +357,7 @@ fn raw_nonce_aad(seq: u64) -> (Nonce, Aad<[u8; 8]>) {
 /// slower, and the baseline should be the fastest raw loop, not a handicapped one.
 fn raw_prefetch(b: &mut Burst, size: usize) {
     let len = size + 16;
-    if len > 256 {
+    if len > espgw_crypto::PREFETCH_NEXT_FROM {
         return;
     }
     for i in 0..BURST {
@@ -365,12 +366,26 @@ fn raw_prefetch(b: &mut Burst, size: usize) {
     }
 }
 
+/// Larger buffers: ask for all of the next buffer's lines while this one is processed, as
+/// the pipeline and the backends do for the next packet ([`espgw_crypto::prefetch_op`], same
+/// threshold), so that the baseline gets the same help. An interleaved A/B of the raw loop
+/// with and without it (1420 bytes, from memory): open 325-340 → 293-310 ns, seal 1-5 %
+/// faster; the baseline should be the fastest raw loop.
+fn raw_prefetch_next(b: &mut Burst, i: usize, size: usize) {
+    let len = size + 16;
+    if len <= espgw_crypto::PREFETCH_NEXT_FROM || i + 1 >= BURST {
+        return;
+    }
+    espgw_crypto::prefetch_lines(b.chunk(i + 1)[HEADROOM..].as_ptr(), len);
+}
+
 /// Seal `size` bytes at `HEADROOM` in each buffer, tag right behind.
 fn raw_seal(key: &LessSafeKey, b: &mut Burst, size: usize) -> usize {
     raw_prefetch(b, size);
     let mut failed = 0;
     let seq = b.seq;
     for i in 0..BURST {
+        raw_prefetch_next(b, i, size);
         let region = &mut b.chunk(i)[HEADROOM..HEADROOM + size + 16];
         let (data, tag_at) = region.split_at_mut(size);
         let (nonce, aad) = raw_nonce_aad(seq + i as u64);
@@ -388,6 +403,7 @@ fn raw_open(key: &LessSafeKey, b: &mut Burst, size: usize) -> usize {
     let mut failed = 0;
     let seq = b.seq;
     for i in 0..BURST {
+        raw_prefetch_next(b, i, size);
         let region = &mut b.chunk(i)[HEADROOM..HEADROOM + size + 16];
         let (data, tag_at) = region.split_at_mut(size);
         let mut tag = [0u8; 16];

@@ -614,13 +614,13 @@ impl<'g> OutCache<'g> {
     }
 }
 
-/// Which other line of a frame [`prefetch_heads`] asks for.
+/// Which other lines of a frame [`prefetch_heads`] asks for.
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum AlsoLine {
     /// The lines in front of the frame where outbound headers are pushed ([`PUSHED`] bytes).
     Headroom,
-    /// The frame's last line: an inbound packet's ICV, read before the decryption.
-    Tail,
+    /// Inbound: a small frame whole (its ICV is read before the decryption).
+    WholeIfSmall,
 }
 
 /// The headroom in front of a frame that encapsulation writes in the common cases: an ESP
@@ -629,8 +629,9 @@ enum AlsoLine {
 /// is only a miss, as before.)
 const PUSHED: usize = OuterTemplate::SHORT + esp::HEADER_LEN + 16 - ethernet::HEADER_LEN;
 
-/// Inbound frames up to this long are prefetched whole (at most five lines).
-const SMALL_FRAME: usize = 256;
+/// Inbound frames up to this long are prefetched whole (at most five lines); longer ones are
+/// left to the crypto backend, one packet ahead.
+const SMALL_FRAME: usize = espgw_crypto::PREFETCH_NEXT_FROM;
 
 /// What encapsulation writes behind a frame before encrypting it: padding (one 16-byte block)
 /// plus the pad length and next-header bytes.
@@ -652,13 +653,13 @@ fn prefetch_heads(frames: &[Frame<'_>], also: AlsoLine) {
                 espgw_crypto::prefetch_lines(start.wrapping_add(f.len), TRAILER_MAX);
             }
             // A small frame whole (the decryption reads every line of it, too few for the
-            // hardware prefetcher to notice the stream); a large one's first line and last
-            // line (the ICV), the decryption streaming through the rest.
-            AlsoLine::Tail if f.len <= SMALL_FRAME => espgw_crypto::prefetch_lines(start, f.len),
-            AlsoLine::Tail => {
-                espgw_crypto::prefetch_lines(start, 1);
-                espgw_crypto::prefetch_lines(start.wrapping_add(f.len.saturating_sub(1)), 1);
+            // hardware prefetcher to notice the stream); of a larger one only the first line,
+            // for the headers: the rest of each frame, ICV included, is asked for while the
+            // crypto works on the frame before (`Pipeline::crypto`, `prefetch_next_op`).
+            AlsoLine::WholeIfSmall if f.len <= SMALL_FRAME => {
+                espgw_crypto::prefetch_lines(start, f.len)
             }
+            AlsoLine::WholeIfSmall => espgw_crypto::prefetch_lines(start, 1),
         }
     }
 }
@@ -943,7 +944,7 @@ impl Pipeline {
         let sink = db.event_sink();
         let mut metas: ArrayVec<Meta<'_>, MAX_BURST> = ArrayVec::new();
 
-        prefetch_heads(frames, AlsoLine::Tail);
+        prefetch_heads(frames, AlsoLine::WholeIfSmall);
         // 1. classify and look up, in passes over the burst, so that with many SAs the cache
         //    misses of different packets overlap instead of forming one chain per packet:
         //    (a) headers up to the SPI; (b) the SA lookups, back to back; (c) prefetch each new
@@ -1038,6 +1039,12 @@ impl Pipeline {
             let mut b = a + 1;
             while b < ops.len() && same_sa(metas[usize::from(owners[b])].sa, sa) {
                 b += 1;
+            }
+            // The backend asks for each op's bytes one op ahead within the run; the first op
+            // of the next run is asked for here, so that runs of one packet (many SAs) get the
+            // same help.
+            if let Some(next) = ops.get(b) {
+                espgw_crypto::prefetch_op(next);
             }
             if let Some(sa) = sa {
                 match todo {

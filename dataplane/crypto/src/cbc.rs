@@ -193,13 +193,17 @@ where
     }
 
     fn seal(&self, ops: &mut [EspOp<'_>], ctx: &mut WorkerCtx) {
-        for op in ops {
+        for i in 0..ops.len() {
+            crate::prefetch_next_op(ops, i);
+            let op = &mut ops[i];
             op.status = self.seal_one(op.esp, op.seq, |iv| ctx.fill_iv(iv));
         }
     }
 
     fn open(&self, ops: &mut [EspOp<'_>], _ctx: &mut WorkerCtx) {
-        for op in ops {
+        for i in 0..ops.len() {
+            crate::prefetch_next_op(ops, i);
+            let op = &mut ops[i];
             op.status = self.open_one(op.esp, op.seq);
         }
     }

@@ -300,14 +300,18 @@ impl SaCrypto for GcmSa {
     }
 
     fn seal(&self, ops: &mut [EspOp<'_>], _ctx: &mut WorkerCtx) {
-        for op in ops {
+        for i in 0..ops.len() {
+            crate::prefetch_next_op(ops, i);
+            let op = &mut ops[i];
             // RFC 4106 IV: the 64-bit sequence number, unique per SA.
             op.status = self.seal_one_with_iv(op.esp, op.seq, op.seq.to_be_bytes());
         }
     }
 
     fn open(&self, ops: &mut [EspOp<'_>], _ctx: &mut WorkerCtx) {
-        for op in ops {
+        for i in 0..ops.len() {
+            crate::prefetch_next_op(ops, i);
+            let op = &mut ops[i];
             op.status = self.open_one(op.esp, op.seq);
         }
     }
