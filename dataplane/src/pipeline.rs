@@ -662,6 +662,11 @@ fn prefetch_heads(frames: &[Frame<'_>], also: AlsoLine) {
             AlsoLine::WholeIfSmall => espgw_crypto::prefetch_lines(start, 1),
         }
     }
+    // The first frame's crypto has no frame before it to hide its misses behind: all of it now,
+    // while the stages in front of the crypto run.
+    if let Some(f) = frames.first() {
+        espgw_crypto::prefetch_lines(f.buf.as_ptr().wrapping_add(f.start), f.len);
+    }
 }
 
 /// The last SA of a chunk (outbound by handle, inbound by SPI and destination).
