@@ -443,6 +443,9 @@ pub struct Sa {
     pub installed_ns: u64,
     /// Selectors.
     pub selectors: Vec<Selector>,
+    /// Hash of `name` in the SA database's name table (set at install, before the SA is
+    /// published).
+    pub(crate) name_hash: u64,
     /// Operator's name.
     pub name: String,
     /// Algorithms.
@@ -508,6 +511,7 @@ impl Sa {
             esn: p.esn,
             limits: Limits::new(p.lifetime),
             selectors: p.selectors,
+            name_hash: 0,
             df: p.df,
             dscp: p.dscp,
             ecn: p.ecn,
