@@ -865,21 +865,12 @@ impl State {
         let mut ring: Vec<&PolicySpec> = self.policies.values().collect();
         ring.sort_by_key(|p| (p.priority, p.policy_id));
         let mut policies = self.base.policies().to_vec();
-        // An SA being deleted is gone from `sas` already.
-        let managed: HashMap<&str, SaId> = self
-            .sas
-            .iter()
-            .map(|(_, s)| (s.name.as_str(), s.id))
-            .collect();
         for p in ring {
             let action = match &p.action {
-                PolicyAction::Protect { sa_name } => match managed.get(sa_name.as_str()) {
-                    Some(id) => Action::Protect(*id),
-                    None => match self.file_sas.get(sa_name) {
-                        Some((id, Direction::Out)) => Action::Protect(*id),
-                        // The SA is gone: fail closed.
-                        _ => Action::Discard,
-                    },
+                PolicyAction::Protect { sa_name } => match self.protecting_sa(sa_name) {
+                    Some(id) => Action::Protect(id),
+                    // The SA is gone: fail closed.
+                    None => Action::Discard,
                 },
                 PolicyAction::Bypass => Action::Bypass,
                 PolicyAction::Discard => Action::Discard,
@@ -891,6 +882,19 @@ impl State {
         }
         self.db
             .set_spd(Spd::new(policies, self.base.default_action));
+    }
+
+    /// The outbound SA a protect policy naming `sa_name` uses: a ring SA still in `sas` (one
+    /// being deleted is gone from there already, though not yet from the database) or one of
+    /// the configuration file's. Per policy through the database's name table, so that an SPD
+    /// rebuild costs the number of policies, not the number of SAs.
+    fn protecting_sa(&self, sa_name: &str) -> Option<SaId> {
+        let id = self.db.id_by_name(sa_name)?;
+        let ring_out = self
+            .sa_ref_of(id)
+            .is_some_and(|r| r.direction == record::Direction::Out);
+        let file_out = matches!(self.file_sas.get(sa_name), Some((f, Direction::Out)) if *f == id);
+        (ring_out || file_out).then_some(id)
     }
 
     fn counters(&self, sa: Option<&SaRef>, out: &mut VecDeque<Record>) -> Result<(), String> {
